@@ -1,0 +1,84 @@
+"""The ``edge-mote`` command line: thin click commands over the library (one module per command).
+
+Subcommands are imported lazily so that ``edge-mote --help`` stays fast (no numpy/llama_cpp import).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+# command name -> (module, attribute, one-line help shown by --help without importing the module)
+COMMANDS = {
+    "info": ("edge_mote.cli.info", "info", "Show a model's architecture, MoE layers, experts and stored profiles."),
+    "run": ("edge_mote.cli.run", "run", "Generate text with optional expert steering (OFF/DROP/ON/bias, profiles)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="edge-mote")
+def cli():
+    """edge-mote: find, steer and ship the experts of Mixture-of-Experts LLMs (llama.cpp)."""
+
+
+def main(argv=None) -> int:
+    from ..errors import EdgeMoteError, UserError
+
+    debug = os.environ.get("EDGE_MOTE_DEBUG") == "1"
+    try:
+        cli.main(args=argv, prog_name="edge-mote", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except UserError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        if e.hint:
+            click.echo(f"hint: {e.hint}", err=True)
+        return 2
+    except EdgeMoteError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        if e.hint:
+            click.echo(f"hint: {e.hint}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as e:  # an edge-mote bug: one line, traceback on request
+        if debug:
+            raise
+        click.echo(f"error: internal error: {type(e).__name__}: {e}", err=True)
+        click.echo("hint: rerun with EDGE_MOTE_DEBUG=1 for a traceback", err=True)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Read and write named steering profiles in a GGUF file's metadata (schema in keys.py), with gguf-py.
+
+Writing copies the whole file (tensors untouched) into a temporary file next to the output, then renames it
+into place: the output is complete or absent, and it is never the input.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from ..errors import UserError
+from ..runtime.steering import DEFAULT_MARGIN, Steering
+from . import keys as K
+
+_STATE_OF_MODE = {"off": 1, "on": 2, "drop": 3}
+_MODE_OF_STATE = {v: k for k, v in _STATE_OF_MODE.items()}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named steering stored in a GGUF file."""
+
+    name: str
+    steering: Steering
+    description: str = ""
+
+
+def open_reader(path: str | os.PathLike):
+    """A gguf-py reader for ``path``; a missing, corrupt or truncated file is a UserError naming it."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    try:
+        return GGUFReader(path, "r")
+    except Exception as e:  # gguf-py raises ValueError, struct/numpy errors, IndexError on damaged files
+        raise UserError(f"{path} is not a valid GGUF file ({type(e).__name__}: {e})",
+                        hint="the file may be truncated or not a GGUF model") from None
+
+
+def _field_value(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    return field.contents()
+
+
+def check_profile_name(name: str) -> str:
+    if not isinstance(name, str) or not K.PROFILE_NAME_RE.match(name):
+        raise UserError(f"bad profile name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ -")
+    return name
+
+
+def read_profiles(path_or_reader) -> tuple[dict[str, Profile], str | None]:
+    """All profiles stored in a GGUF file, by name, and the name of the default one (or None)."""
+    reader = path_or_reader if hasattr(path_or_reader, "fields") else open_reader(path_or_reader)
+    version = _field_value(reader, K.VERSION)
+    if version is None:
+        return {}, None
+    if int(version) != K.SCHEMA_VERSION:
+        raise UserError(f"edge-mote metadata schema v{version} is not supported (this edge-mote reads v{K.SCHEMA_VERSION})",
+                        hint="upgrade edge-mote")
+    names = _field_value(reader, K.PROFILES) or []
+    profiles = {}
+    for name in names:
+        layers = _field_value(reader, K.profile_key(name, K.PROFILE_LAYER)) or []
+        experts = _field_value(reader, K.profile_key(name, K.PROFILE_EXPERT)) or []
+        states = _field_value(reader, K.profile_key(name, K.PROFILE_STATE)) or []
+        biases = _field_value(reader, K.profile_key(name, K.PROFILE_BIAS)) or []
+        if not (len(layers) == len(experts) == len(states) == len(biases)):
+            raise UserError(f"profile '{name}' in the GGUF is malformed: its arrays have different lengths")
+        margin = _field_value(reader, K.profile_key(name, K.PROFILE_MARGIN))
+        desc = _field_value(reader, K.profile_key(name, K.PROFILE_DESCRIPTION)) or ""
+        modes: dict[str, list] = {"off": [], "on": [], "drop": []}
+        bias = {}
+        for layer, expert, state, b in zip(layers, experts, states, biases):
+            if int(state) in _MODE_OF_STATE:
+                modes[_MODE_OF_STATE[int(state)]].append((int(layer), int(expert)))
+            elif int(state) == 0:
+                bias[(int(layer), int(expert))] = float(b)
+            else:
+                raise UserError(f"profile '{name}' in the GGUF has an invalid state {state}")
+        steering = Steering(off=modes["off"], drop=modes["drop"], on=modes["on"], bias=bias,
+                            margin=float(margin) if margin is not None else DEFAULT_MARGIN)
+        profiles[name] = Profile(name, steering, str(desc))
+    default = _field_value(reader, K.DEFAULT_PROFILE) or None
+    if default is not None and default not in profiles:
+        raise UserError(f"the GGUF's default profile '{default}' is not among its profiles")
+    return profiles, default
+
+
+def profile_metadata(profiles: Mapping[str, Profile], default: str | None) -> list[tuple[str, object, object, object]]:
+    """(key, value, GGUFValueType, sub_type) for every edge-mote key describing ``profiles``."""
+    from gguf import GGUFValueType as T
+
+    if default is not None and default not in profiles:
+        raise UserError(f"unknown profile '{default}'", hint="choose one of: " + ", ".join(profiles) if profiles else None)
+    out: list[tuple[str, object, object, object]] = [(K.VERSION, K.SCHEMA_VERSION, T.UINT32, None)]
+    out.append((K.PROFILES, list(profiles), T.ARRAY, T.STRING))
+    if default is not None:
+        out.append((K.DEFAULT_PROFILE, default, T.STRING, None))
+    for name, prof in profiles.items():
+        check_profile_name(name)
+        s = prof.steering
+        rows = []
+        for mode, state in _STATE_OF_MODE.items():
+            rows += [(l, e, state, 0.0) for l, e in sorted(getattr(s, mode))]
+        rows += [(l, e, 0, v) for (l, e), v in s.bias.items()]
+        rows.sort()
+        cols = list(zip(*rows)) if rows else [[], [], [], []]
+        out += [
+            (K.profile_key(name, K.PROFILE_LAYER), [int(x) for x in cols[0]], T.ARRAY, T.INT32),
+            (K.profile_key(name, K.PROFILE_EXPERT), [int(x) for x in cols[1]], T.ARRAY, T.INT32),
+            (K.profile_key(name, K.PROFILE_STATE), [int(x) for x in cols[2]], T.ARRAY, T.INT32),
+            (K.profile_key(name, K.PROFILE_BIAS), [float(x) for x in cols[3]], T.ARRAY, T.FLOAT32),
+            (K.profile_key(name, K.PROFILE_MARGIN), float(s.margin), T.FLOAT32, None),
+            (K.profile_key(name, K.PROFILE_DESCRIPTION), prof.description, T.STRING, None),
+        ]
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def write_profiles(src: str | os.PathLike, dst: str | os.PathLike, profiles: Mapping[str, Profile],
+                   default: str | None = None, progress: bool = False) -> Path:
+    """Copy ``src`` to ``dst`` replacing all edge-mote metadata by ``profiles`` (atomic; never over ``src``)."""
+    from gguf import GGUFValueType, GGUFWriter, Keys
+
+    src, dst = Path(src), Path(dst)
+    if _same_file(src, dst):
+        raise UserError(f"output {dst} is the input file: edge-mote never writes over its input",
+                        hint="choose another output path with -o")
+    reader = open_reader(src)
+    arch = _field_value(reader, K.ARCHITECTURE)
+    if arch is None:
+        raise UserError(f"{src} has no general.architecture: not a llama.cpp model")
+    new_meta = profile_metadata(profiles, default)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = GGUFWriter(tmp, arch=str(arch), endianess=reader.endianess)
+        alignment = _field_value(reader, Keys.General.ALIGNMENT)
+        if alignment is not None:
+            writer.data_alignment = int(alignment)
+        for field in reader.fields.values():
+            name = field.name
+            if name == Keys.General.ARCHITECTURE or name.startswith("GGUF.") or name.startswith(K.PREFIX):
+                continue
+            if name == Keys.General.ALIGNMENT:
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+            writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+        for key, value, vtype, sub in new_meta:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+

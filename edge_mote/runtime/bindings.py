@@ -1,0 +1,112 @@
+"""Raw ctypes bindings to edge-mote's additions to llama.cpp (native/patches/0001-expert-steering.patch).
+
+Every function is bound through the library handle llama-cpp-python already holds (``llama_cpp.llama_cpp._lib``):
+loading libllama again by path would bring in a second, independent copy of ggml. The C declaration is
+given above each binding. This is the only module of edge-mote that touches ctypes signatures.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import POINTER, c_bool, c_char_p, c_float, c_int8, c_int32, c_void_p
+
+from ..errors import EdgeMoteError
+
+LLAMA_EXPERT_STATE_DEFAULT = 0
+LLAMA_EXPERT_STATE_OFF = 1
+LLAMA_EXPERT_STATE_ON = 2
+LLAMA_EXPERT_STATE_DROP = 3
+
+# return codes (llama.h: LLAMA_EXPERT_STEER_ERR_*)
+STEER_ERRORS = {
+    -1: "array sizes do not match the model",
+    -2: "the model has no routed experts (not a Mixture-of-Experts model)",
+    -3: "invalid expert state",
+    -4: "a bias or the margin is not a finite number",
+    -5: "a layer would have fewer selectable experts than it routes each token to",
+    -6: "a layer forces more experts ON than it routes each token to",
+    -7: "steering set on a layer that has no router (a dense layer)",
+    -8: "the steering tensors could not be allocated",
+    -9: "layer index out of range",
+}
+
+_lib = None
+
+
+def lib():
+    """The patched libllama, as loaded by llama_cpp; checks that the edge-mote patch is present."""
+    global _lib
+    if _lib is not None:
+        return _lib
+    try:
+        import llama_cpp.llama_cpp as _llama_cpp
+    except (ImportError, OSError) as e:  # pragma: no cover - depends on the installation
+        raise EdgeMoteError(f"cannot load llama_cpp: {e}", hint="run the set-up command from the README") from e
+    handle = _llama_cpp._lib
+    if not hasattr(handle, "llama_set_expert_steering"):
+        raise EdgeMoteError(
+            "the installed llama_cpp library is not patched for expert steering",
+            hint="run `python native/build.py` (the README's set-up command) in this environment",
+        )
+    _declare(handle)
+    _lib = handle
+    return handle
+
+
+def _fn(handle, name, argtypes, restype):
+    f = getattr(handle, name)
+    f.argtypes = argtypes
+    f.restype = restype
+    return f
+
+
+def _declare(h) -> None:
+    # LLAMA_API int32_t llama_model_n_layer_all(const struct llama_model * model);
+    _fn(h, "llama_model_n_layer_all", [c_void_p], c_int32)
+    # LLAMA_API int32_t llama_model_n_expert(const struct llama_model * model);
+    _fn(h, "llama_model_n_expert", [c_void_p], c_int32)
+    # LLAMA_API int32_t llama_model_n_expert_used(const struct llama_model * model, int32_t il);
+    _fn(h, "llama_model_n_expert_used", [c_void_p, c_int32], c_int32)
+    # LLAMA_API int32_t llama_model_layer_is_moe(const struct llama_model * model, int32_t il);
+    _fn(h, "llama_model_layer_is_moe", [c_void_p, c_int32], c_int32)
+    # LLAMA_API const char * llama_model_expert_steering_default(const struct llama_model * model);
+    _fn(h, "llama_model_expert_steering_default", [c_void_p], c_char_p)
+    # LLAMA_API int32_t llama_set_expert_steering(struct llama_context * ctx, const int8_t * state,
+    #                                             const float * bias, float margin, int32_t n_layer, int32_t n_expert);
+    _fn(h, "llama_set_expert_steering",
+        [c_void_p, POINTER(c_int8), POINTER(c_float), c_float, c_int32, c_int32], c_int32)
+    # LLAMA_API int32_t llama_get_expert_steering(struct llama_context * ctx, int8_t * state, float * bias,
+    #                                             float * margin, int32_t n_layer, int32_t n_expert);
+    _fn(h, "llama_get_expert_steering",
+        [c_void_p, POINTER(c_int8), POINTER(c_float), POINTER(c_float), c_int32, c_int32], c_int32)
+    # LLAMA_API int32_t llama_clear_expert_steering(struct llama_context * ctx);
+    _fn(h, "llama_clear_expert_steering", [c_void_p], c_int32)
+    # LLAMA_API int32_t llama_reset_expert_steering(struct llama_context * ctx);
+    _fn(h, "llama_reset_expert_steering", [c_void_p], c_int32)
+    # LLAMA_API int32_t llama_set_expert_capture(struct llama_context * ctx, bool enable);
+    _fn(h, "llama_set_expert_capture", [c_void_p, c_bool], c_int32)
+    # LLAMA_API int32_t llama_get_expert_capture(struct llama_context * ctx, int32_t il, const int32_t ** ids,
+    #                                            const float ** weights, int32_t * n_used);
+    _fn(h, "llama_get_expert_capture",
+        [c_void_p, c_int32, POINTER(POINTER(c_int32)), POINTER(POINTER(c_float)), POINTER(c_int32)], c_int32)
+
+
+def check(rc: int, what: str) -> int:
+    """Raise EdgeMoteError for a negative return code of a steering function."""
+    if rc < 0:
+        raise EdgeMoteError(f"{what} failed: {STEER_ERRORS.get(rc, f'error {rc}')}")
+    return rc
+
+
+def as_ptr(array, ctype):
+    """A ctypes pointer to a contiguous numpy array (or NULL for None)."""
+    if array is None:
+        return None
+    return array.ctypes.data_as(POINTER(ctype))
+
+
+__all__ = [
+    "lib", "check", "as_ptr", "STEER_ERRORS",
+    "LLAMA_EXPERT_STATE_DEFAULT", "LLAMA_EXPERT_STATE_OFF", "LLAMA_EXPERT_STATE_ON", "LLAMA_EXPERT_STATE_DROP",
+    "ctypes",
+]

@@ -1,0 +1,344 @@
+"""``Model``: a llama.cpp model + context (through llama-cpp-python) whose MoE routing can be steered and read.
+
+    import edge_mote
+    with edge_mote.load("model.gguf") as m:
+        print(m.info.moe_layers)
+        with m.steer("off=1:3,2:5"):
+            print(m.generate("Hello", max_tokens=16))
+        trace = m.routing(m.tokenize("Hello world"))
+
+A Model owns its native handles: close it (or use it as a context manager).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import EdgeMoteError, UserError
+from . import bindings as B
+from .steering import Steering, coerce
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What edge-mote knows about a loaded model."""
+
+    path: str
+    arch: str
+    name: str | None
+    n_layer: int                      # all blocks, including MTP/nextn layers (steering arrays use this)
+    moe_layers: tuple[int, ...]       # layers with a router
+    n_expert: int                     # routed experts per MoE layer (0: not an MoE model)
+    n_expert_used: dict[int, int]     # top-k per MoE layer
+    n_vocab: int
+    n_ctx_train: int
+    profiles: tuple[str, ...]
+    default_profile: str | None
+    file_bytes: int
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_expert > 0 and bool(self.moe_layers)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["moe_layers"] = list(self.moe_layers)
+        d["n_expert_used"] = {str(k): v for k, v in self.n_expert_used.items()}
+        d["profiles"] = list(self.profiles)
+        return d
+
+
+@dataclass(frozen=True)
+class RoutingTrace:
+    """Which experts each token selected in each MoE layer, and their final gate weights.
+
+    ``ids[layer]`` and ``weights[layer]`` are [n_tokens, k] arrays (k = top-k of that layer), rows in token order.
+    """
+
+    tokens: np.ndarray
+    ids: dict[int, np.ndarray] = field(repr=False)
+    weights: dict[int, np.ndarray] = field(repr=False)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted(self.ids))
+
+    def counts(self, n_expert: int, rows: Sequence[int] | slice | None = None) -> np.ndarray:
+        """[n_layers_moe, n_expert] how often each expert was selected (over ``rows`` if given)."""
+        out = np.zeros((len(self.ids), n_expert), dtype=np.int64)
+        for i, layer in enumerate(self.layers):
+            sel = self.ids[layer] if rows is None else self.ids[layer][rows]
+            out[i] = np.bincount(sel.reshape(-1), minlength=n_expert)[:n_expert]
+        return out
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_prompt_tokens: int
+    n_tokens: int
+    seconds: float
+
+
+def _resolve(path_or_repo: str | os.PathLike) -> Path:
+    """A local GGUF path, or ``owner/repo[:file.gguf]`` downloaded from the Hugging Face Hub."""
+    p = Path(path_or_repo).expanduser()
+    if p.exists():
+        return p
+    text = str(path_or_repo)
+    repo, _, filename = text.partition(":")
+    if repo.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise UserError(f"model file not found: {text}",
+                        hint="pass a .gguf path or a Hugging Face repo id like owner/name:file.gguf")
+    try:
+        from huggingface_hub import hf_hub_download, list_repo_files
+    except ImportError as e:  # pragma: no cover
+        raise UserError("huggingface-hub is needed to download models") from e
+    try:
+        if not filename:
+            ggufs = [f for f in list_repo_files(repo) if f.endswith(".gguf")]
+            if len(ggufs) != 1:
+                raise UserError(f"{repo} has {len(ggufs)} GGUF files; choose one with {repo}:FILE.gguf",
+                                hint=", ".join(ggufs[:10]) or None)
+            filename = ggufs[0]
+        return Path(hf_hub_download(repo, filename))
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot download {text} from the Hugging Face Hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                        hint="check the repo id and your network, or pass a local .gguf path") from None
+
+
+class Model:
+    """A loaded GGUF model with steerable MoE routing. Use ``edge_mote.load`` to make one."""
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
+                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False, **llama_kwargs):
+        from ..gguf_meta.profiles import open_reader, read_profiles
+
+        path = _resolve(path)
+        reader = open_reader(path)  # one-line error for missing, corrupt or truncated files
+        arch = reader.fields.get("general.architecture")
+        if arch is None:
+            raise UserError(f"{path} has no general.architecture: not a llama.cpp model")
+        self._profiles, default = read_profiles(reader)
+        name_field = reader.fields.get("general.name")
+        del reader
+
+        lib = B.lib()
+        import llama_cpp
+
+        kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, 512), logits_all=True, verbose=verbose,
+                      n_gpu_layers=n_gpu_layers, seed=seed)
+        if n_threads is not None:
+            kwargs["n_threads"] = n_threads
+            kwargs["n_threads_batch"] = n_threads
+        kwargs.update(llama_kwargs)
+        try:
+            self._llm = llama_cpp.Llama(model_path=str(path), **kwargs)
+        except ValueError as e:
+            raise UserError(f"llama.cpp could not load {path}: {e}",
+                            hint="is it a complete GGUF model of an architecture this llama.cpp supports?") from None
+        self._lib = lib
+        self._mp = self._llm._model.model
+        self._ctx = self._llm._ctx.ctx
+        self._capture = False
+
+        n_layer = lib.llama_model_n_layer_all(self._mp)
+        n_expert = lib.llama_model_n_expert(self._mp)
+        moe = tuple(il for il in range(n_layer) if n_expert > 0 and lib.llama_model_layer_is_moe(self._mp, il) == 1)
+        self.info = ModelInfo(
+            path=str(path), arch=str(arch.contents()), name=str(name_field.contents()) if name_field else None,
+            n_layer=n_layer, moe_layers=moe, n_expert=n_expert,
+            n_expert_used={il: lib.llama_model_n_expert_used(self._mp, il) for il in moe},
+            n_vocab=self._llm.n_vocab(), n_ctx_train=self._llm._model.n_ctx_train(),
+            profiles=tuple(self._profiles), default_profile=default, file_bytes=path.stat().st_size,
+        )
+        self._steering = self._read_native_steering()
+
+    # -- lifetime --------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        llm, self._llm = getattr(self, "_llm", None), None
+        if llm is not None:
+            llm.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _live(self):
+        if self._llm is None:
+            raise EdgeMoteError("this Model is closed")
+        return self._llm
+
+    # -- steering --------------------------------------------------------------------------------------------
+    @property
+    def steering(self) -> Steering:
+        """The steering in effect (initially the GGUF's default profile, if it has one)."""
+        return self._steering
+
+    @property
+    def profiles(self) -> dict:
+        return dict(self._profiles)
+
+    def _require_moe(self) -> None:
+        if not self.info.is_moe:
+            raise UserError(f"{Path(self.info.path).name} is not a Mixture-of-Experts model "
+                            f"(architecture '{self.info.arch}' has no routed experts)")
+
+    def _read_native_steering(self) -> Steering:
+        if not self.info.is_moe:
+            return Steering()
+        n = self.info.n_layer * self.info.n_expert
+        state = np.zeros(n, dtype=np.int8)
+        bias = np.zeros(n, dtype=np.float32)
+        margin = ctypes.c_float(0.0)
+        B.check(self._lib.llama_get_expert_steering(self._ctx, B.as_ptr(state, ctypes.c_int8), B.as_ptr(bias, ctypes.c_float),
+                                                    ctypes.byref(margin), self.info.n_layer, self.info.n_expert),
+                "reading the steering")
+        shape = (self.info.n_layer, self.info.n_expert)
+        return Steering.from_arrays(state.reshape(shape), bias.reshape(shape), float(margin.value))
+
+    def set_steering(self, steering: "Steering | str | dict | None") -> Steering:
+        """Apply a steering (None: none at all). Takes effect at the next evaluation; no reload."""
+        steering = coerce(steering)
+        llm = self._live()
+        if steering:
+            self._require_moe()
+            info = self.info
+            state, bias = steering.to_arrays(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)
+            rc = self._lib.llama_set_expert_steering(self._ctx, B.as_ptr(state, ctypes.c_int8), B.as_ptr(bias, ctypes.c_float),
+                                                     steering.margin, info.n_layer, info.n_expert)
+            if rc < 0:
+                raise UserError(f"cannot apply steering '{steering}': {B.STEER_ERRORS.get(rc, rc)}")
+        elif self.info.is_moe:
+            B.check(self._lib.llama_clear_expert_steering(self._ctx), "clearing the steering")
+        self._steering = steering
+        llm.reset()  # cached tokens were computed with the old routing
+        return steering
+
+    def use_profile(self, name: str | None) -> Steering:
+        """Apply a profile stored in the GGUF by name (``None`` or ``"none"``: no steering)."""
+        if name is None or name == "none":
+            return self.set_steering(None)
+        if name not in self._profiles:
+            known = ", ".join(self._profiles) or "none stored"
+            raise UserError(f"unknown profile '{name}' in {Path(self.info.path).name}", hint=f"profiles: {known}")
+        return self.set_steering(self._profiles[name].steering)
+
+    @contextlib.contextmanager
+    def steer(self, steering: "Steering | str | dict | None") -> Iterator["Model"]:
+        """Apply a steering inside a ``with`` block, then restore the previous one."""
+        previous = self._steering
+        self.set_steering(steering)
+        try:
+            yield self
+        finally:
+            if self._llm is not None:
+                self.set_steering(previous)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self._live().tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._live().detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def _check_tokens(self, tokens: Sequence[int]) -> list[int]:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise UserError("no tokens to evaluate")
+        llm = self._live()
+        if len(tokens) > llm.n_ctx():
+            raise UserError(f"{len(tokens)} tokens do not fit the context of {llm.n_ctx()}", hint="load with a larger n_ctx")
+        bad = [t for t in tokens if not 0 <= t < self.info.n_vocab]
+        if bad:
+            raise UserError(f"token id {bad[0]} is out of range (vocabulary of {self.info.n_vocab})")
+        return tokens
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token logits after every token: float32 [n_tokens, n_vocab], from an empty context."""
+        tokens = self._check_tokens(tokens)
+        llm = self._live()
+        llm.reset()
+        llm.eval(tokens)
+        out = np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
+        llm.reset()
+        return out
+
+    def set_capture(self, enable: bool) -> None:
+        """Turn routing capture on or off (on costs a little per decode; ``routing`` turns it on)."""
+        self._require_moe()
+        B.check(self._lib.llama_set_expert_capture(self._ctx, bool(enable)), "routing capture")
+        self._capture = bool(enable)
+
+    def routing(self, tokens: Sequence[int]) -> RoutingTrace:
+        """Evaluate ``tokens`` from an empty context and return the experts every token selected per MoE layer."""
+        self._require_moe()
+        tokens = self._check_tokens(tokens)
+        llm = self._live()
+        if not self._capture:
+            self.set_capture(True)
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        parts_ids: dict[int, list[np.ndarray]] = {il: [] for il in self.info.moe_layers}
+        parts_w: dict[int, list[np.ndarray]] = {il: [] for il in self.info.moe_layers}
+        ids_p = ctypes.POINTER(ctypes.c_int32)()
+        w_p = ctypes.POINTER(ctypes.c_float)()
+        k = ctypes.c_int32(0)
+        for start in range(0, len(tokens), llm.n_batch):
+            chunk = tokens[start: start + llm.n_batch]
+            llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            for il in self.info.moe_layers:
+                rows = B.check(self._lib.llama_get_expert_capture(self._ctx, il, ctypes.byref(ids_p), ctypes.byref(w_p),
+                                                                  ctypes.byref(k)), "reading the routing capture")
+                if rows != len(chunk):
+                    raise EdgeMoteError(f"routing capture of layer {il} has {rows} rows for {len(chunk)} tokens")
+                n = rows * k.value
+                parts_ids[il].append(np.ctypeslib.as_array(ids_p, shape=(n,)).reshape(rows, k.value).copy())
+                parts_w[il].append(np.ctypeslib.as_array(w_p, shape=(n,)).reshape(rows, k.value).copy())
+        llm.reset()
+        return RoutingTrace(
+            tokens=np.asarray(tokens, dtype=np.int32),
+            ids={il: np.concatenate(v) for il, v in parts_ids.items()},
+            weights={il: np.concatenate(v) for il, v in parts_w.items()},
+        )
+
+    def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+                 stop: Sequence[str] | None = None) -> Completion:
+        """Complete ``prompt`` (greedy at temperature 0; reproducible for a fixed seed)."""
+        if max_tokens < 1:
+            raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
+        if temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {temperature}")
+        llm = self._live()
+        llm.reset()
+        t0 = time.perf_counter()
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                    top_k=0 if temperature == 0 else 40, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
+                                    stop=list(stop) if stop else None)
+        dt = time.perf_counter() - t0
+        llm.reset()
+        usage = out.get("usage", {})
+        return Completion(text=out["choices"][0]["text"], n_prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                          n_tokens=int(usage.get("completion_tokens", 0)), seconds=dt)
+
+
+def load(path_or_repo: str | os.PathLike, **llama_kwargs) -> Model:
+    """Load a GGUF model (local path or ``owner/repo[:file.gguf]`` on the Hugging Face Hub).
+
+    Keyword arguments go to ``llama_cpp.Llama`` (``n_ctx``, ``n_gpu_layers``, ``type_k``, ...). The GGUF's
+    default steering profile, if any, is in effect after loading (``Model.steering``).
+    """
+    return Model(path_or_repo, **llama_kwargs)

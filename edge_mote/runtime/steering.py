@@ -1,0 +1,292 @@
+"""``Steering``: an immutable description of which routed experts are switched OFF, DROPped, forced ON or biased.
+
+Semantics (applied by the patched llama.cpp inside ``build_moe_ffn``, for every gating function):
+
+* **off**  -- never selected: as if its router logit were -inf before gating; the next-best expert takes its
+  slot, top-k stays k (softmax gating renormalises over the other experts);
+* **drop** -- routing unchanged, its gate weight is zeroed after selection (its slot is wasted), then the
+  architecture's usual top-k normalisation applies;
+* **on**   -- always selected, weighted as if its router logit were the token's maximum logit + ``margin``;
+* **bias** -- a finite value added to its router logit (for softmax gating: to its log-probability).
+
+Text form (``Steering.parse``/``str``)::
+
+    off=12:34,12:7;drop=3:1;on=5:2;bias=3:5=-2.5,4:0=1;margin=0.02
+
+JSON form (``Steering.from_json``/``to_json``)::
+
+    {"off": [[12, 34]], "drop": [], "on": [], "bias": [[3, 5, -2.5]], "margin": 0.01}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from ..errors import UserError
+from . import bindings as B
+
+Expert = tuple[int, int]
+DEFAULT_MARGIN = float(np.float32(0.01))  # values are kept at float32 precision, as llama.cpp sees them
+_MODES = ("off", "drop", "on")
+
+
+def _parse_expert(text: str, where: str) -> Expert:
+    parts = text.strip().split(":")
+    if len(parts) != 2:
+        raise UserError(f"bad expert '{text}' in {where}: expected LAYER:EXPERT, e.g. 12:34")
+    try:
+        layer, expert = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise UserError(f"bad expert '{text}' in {where}: LAYER and EXPERT must be integers") from None
+    if layer < 0 or expert < 0:
+        raise UserError(f"bad expert '{text}' in {where}: LAYER and EXPERT must be >= 0")
+    return layer, expert
+
+
+def _as_experts(items: Iterable, where: str) -> frozenset[Expert]:
+    out = set()
+    for it in items or ():
+        if isinstance(it, str):
+            out.add(_parse_expert(it, where))
+        else:
+            try:
+                layer, expert = (int(v) for v in it)
+            except (TypeError, ValueError):
+                raise UserError(f"bad expert {it!r} in {where}: expected (layer, expert)") from None
+            if layer < 0 or expert < 0:
+                raise UserError(f"bad expert {it!r} in {where}: layer and expert must be >= 0")
+            out.add((layer, expert))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Steering:
+    """Steering of routed experts, keyed by (layer, expert). Immutable and hashable; combine with ``|``."""
+
+    off: frozenset[Expert] = field(default_factory=frozenset)
+    drop: frozenset[Expert] = field(default_factory=frozenset)
+    on: frozenset[Expert] = field(default_factory=frozenset)
+    bias: Mapping[Expert, float] = field(default_factory=dict)
+    margin: float = DEFAULT_MARGIN
+
+    def __init__(self, off: Iterable = (), drop: Iterable = (), on: Iterable = (),
+                 bias: Mapping | Iterable | None = None, margin: float = DEFAULT_MARGIN):
+        object.__setattr__(self, "off", _as_experts(off, "off"))
+        object.__setattr__(self, "drop", _as_experts(drop, "drop"))
+        object.__setattr__(self, "on", _as_experts(on, "on"))
+        if isinstance(bias, Mapping):
+            pairs = list(bias.items())
+        else:
+            try:
+                pairs = [((it[0], it[1]), it[2]) for it in (bias or ())]
+            except (TypeError, IndexError):
+                raise UserError("bias entries must be (layer, expert, value)") from None
+        b: dict[Expert, float] = {}
+        for key, value in pairs:
+            (key,) = _as_experts([key], "bias")
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise UserError(f"bias of expert {key[0]}:{key[1]} must be a number, got {value!r}") from None
+            if not math.isfinite(value):
+                raise UserError(f"bias of expert {key[0]}:{key[1]} must be a finite number, got {value}")
+            if value != 0.0:
+                b[key] = float(np.float32(b.get(key, 0.0) + value))
+        object.__setattr__(self, "bias", dict(sorted(b.items())))
+        margin = float(np.float32(margin))
+        if not math.isfinite(margin) or margin < 0:
+            raise UserError(f"margin must be a finite number >= 0, got {margin}")
+        object.__setattr__(self, "margin", margin)
+        seen: dict[Expert, str] = {}
+        for mode in _MODES:
+            for ex in getattr(self, mode):
+                if ex in seen:
+                    raise UserError(f"expert {ex[0]}:{ex[1]} is both {seen[ex]} and {mode}")
+                seen[ex] = mode
+        for ex in self.bias:
+            if ex in self.off or ex in self.on:
+                raise UserError(f"expert {ex[0]}:{ex[1]} is {seen[ex]} and also has a bias (which would be ignored)")
+
+    # -- value semantics -------------------------------------------------------------------------------------
+    def __hash__(self) -> int:
+        return hash((self.off, self.drop, self.on, tuple(self.bias.items()), self.margin))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Steering):
+            return NotImplemented
+        return (self.off, self.drop, self.on, dict(self.bias), self.margin) == (
+            other.off, other.drop, other.on, dict(other.bias), other.margin)
+
+    def __bool__(self) -> bool:
+        return bool(self.off or self.drop or self.on or self.bias)
+
+    def __or__(self, other: "Steering") -> "Steering":
+        """Union of two steerings (biases add up; a conflicting mode for one expert is an error)."""
+        if not isinstance(other, Steering):
+            return NotImplemented
+        bias = dict(self.bias)
+        for k, v in other.bias.items():
+            bias[k] = bias.get(k, 0.0) + v
+        margin = other.margin if other.margin != DEFAULT_MARGIN else self.margin
+        return Steering(self.off | other.off, self.drop | other.drop, self.on | other.on, bias, margin)
+
+    @property
+    def experts(self) -> frozenset[Expert]:
+        return self.off | self.drop | self.on | frozenset(self.bias)
+
+    # -- text and JSON ---------------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> "Steering":
+        """Parse ``off=12:34,12:7;drop=..;on=..;bias=3:5=-2.5;margin=0.02`` (parts in any order, any may repeat)."""
+        text = (text or "").strip()
+        if text.startswith("{"):
+            return cls.from_json(text)
+        parts: dict[str, list] = {"off": [], "drop": [], "on": [], "bias": []}
+        margin = DEFAULT_MARGIN
+        for chunk in filter(None, (c.strip() for c in text.split(";"))):
+            key, sep, value = chunk.partition("=")
+            key = key.strip().lower()
+            if not sep:
+                raise UserError(f"bad steering part '{chunk}': expected off=..., drop=..., on=..., bias=... or margin=...")
+            if key in _MODES:
+                parts[key] += [_parse_expert(v, key) for v in value.split(",") if v.strip()]
+            elif key == "bias":
+                for item in filter(None, (v.strip() for v in value.split(","))):
+                    ex, eq, val = item.rpartition("=")
+                    if not eq:
+                        raise UserError(f"bad bias '{item}': expected LAYER:EXPERT=VALUE, e.g. 3:5=-2.5")
+                    try:
+                        parts["bias"].append((*_parse_expert(ex, "bias"), float(val)))
+                    except ValueError:
+                        raise UserError(f"bad bias '{item}': VALUE must be a number") from None
+            elif key == "margin":
+                try:
+                    margin = float(value)
+                except ValueError:
+                    raise UserError(f"bad margin '{value}': must be a number") from None
+            else:
+                raise UserError(f"unknown steering part '{key}': expected off, drop, on, bias or margin")
+        return cls(parts["off"], parts["drop"], parts["on"], parts["bias"], margin)
+
+    def __str__(self) -> str:
+        out = []
+        for mode in _MODES:
+            if getattr(self, mode):
+                out.append(f"{mode}=" + ",".join(f"{l}:{e}" for l, e in sorted(getattr(self, mode))))
+        if self.bias:
+            out.append("bias=" + ",".join(f"{l}:{e}={v:g}" for (l, e), v in self.bias.items()))
+        if self.margin != DEFAULT_MARGIN:
+            out.append(f"margin={self.margin:g}")
+        return ";".join(out)
+
+    def __repr__(self) -> str:
+        return f"Steering.parse({str(self)!r})"
+
+    def to_dict(self) -> dict:
+        return {
+            "off": [list(x) for x in sorted(self.off)],
+            "drop": [list(x) for x in sorted(self.drop)],
+            "on": [list(x) for x in sorted(self.on)],
+            "bias": [[l, e, v] for (l, e), v in self.bias.items()],
+            "margin": self.margin,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Steering":
+        if not isinstance(d, Mapping):
+            raise UserError("steering JSON must be an object with keys off, drop, on, bias, margin")
+        unknown = set(d) - {"off", "drop", "on", "bias", "margin"}
+        if unknown:
+            raise UserError(f"unknown steering key(s): {', '.join(sorted(unknown))}")
+        bias = d.get("bias") or []
+        if isinstance(bias, Mapping):  # {"3:5": -2.5}
+            bias = [(*_parse_expert(k, "bias"), v) for k, v in bias.items()]
+        return cls(d.get("off") or (), d.get("drop") or (), d.get("on") or (), bias, d.get("margin", DEFAULT_MARGIN))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Steering":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise UserError(f"steering is not valid JSON: {e}") from None
+
+    # -- arrays for the C API --------------------------------------------------------------------------------
+    def to_arrays(self, n_layer: int, n_expert: int, moe_layers: Iterable[int],
+                  n_expert_used: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Validate against a model's shape and return (state int8 [n_layer, n_expert], bias float32 [...])."""
+        moe = set(moe_layers)
+        state = np.zeros((n_layer, n_expert), dtype=np.int8)
+        bias = np.zeros((n_layer, n_expert), dtype=np.float32)
+        codes = {"off": B.LLAMA_EXPERT_STATE_OFF, "drop": B.LLAMA_EXPERT_STATE_DROP, "on": B.LLAMA_EXPERT_STATE_ON}
+        for layer, expert in sorted(self.experts):
+            _check_expert(layer, expert, n_layer, n_expert, moe)
+        for mode, code in codes.items():
+            for layer, expert in getattr(self, mode):
+                state[layer, expert] = code
+        for (layer, expert), value in self.bias.items():
+            bias[layer, expert] = value
+        for layer in sorted({l for l, _ in self.off | self.on}):
+            k = n_expert_used[layer]
+            n_off = int((state[layer] == B.LLAMA_EXPERT_STATE_OFF).sum())
+            n_on = int((state[layer] == B.LLAMA_EXPERT_STATE_ON).sum())
+            if n_expert - n_off < k:
+                raise UserError(f"layer {layer}: {n_off} of {n_expert} experts are OFF, but each token is routed to "
+                                f"{k}: at most {n_expert - k} can be OFF")
+            if n_on > k:
+                raise UserError(f"layer {layer}: {n_on} experts are ON, but each token is routed to only {k}")
+        return state, bias
+
+    @classmethod
+    def from_arrays(cls, state: np.ndarray, bias: np.ndarray, margin: float = DEFAULT_MARGIN) -> "Steering":
+        modes = {B.LLAMA_EXPERT_STATE_OFF: [], B.LLAMA_EXPERT_STATE_DROP: [], B.LLAMA_EXPERT_STATE_ON: []}
+        for (layer, expert), code in np.ndenumerate(state):
+            if code in modes:
+                modes[int(code)].append((layer, expert))
+        b = {(int(l), int(e)): float(bias[l, e]) for l, e in zip(*np.nonzero(bias))}
+        return cls(modes[B.LLAMA_EXPERT_STATE_OFF], modes[B.LLAMA_EXPERT_STATE_DROP],
+                   modes[B.LLAMA_EXPERT_STATE_ON], b, margin)
+
+
+def _check_expert(layer: int, expert: int, n_layer: int, n_expert: int, moe: set[int]) -> None:
+    if layer >= n_layer:
+        raise UserError(f"layer {layer} is out of range: the model has {n_layer} layers (0-{n_layer - 1})")
+    if expert >= n_expert:
+        raise UserError(f"expert {expert} is out of range: layer {layer} has {n_expert} routed experts (0-{n_expert - 1})")
+    if layer not in moe:
+        raise UserError(f"layer {layer} is a dense layer (no router); MoE layers: {_ranges(sorted(moe))}")
+
+
+def _ranges(xs: list[int]) -> str:
+    out, start, prev = [], None, None
+    for x in xs:
+        if start is None:
+            start = prev = x
+        elif x == prev + 1:
+            prev = x
+        else:
+            out.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = prev = x
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ",".join(out) or "none"
+
+
+def coerce(steering: "Steering | str | Mapping | None") -> "Steering":
+    """Accept a Steering, its text or JSON form, a dict, or None (no steering)."""
+    if steering is None:
+        return Steering()
+    if isinstance(steering, Steering):
+        return steering
+    if isinstance(steering, str):
+        return Steering.parse(steering)
+    if isinstance(steering, Mapping):
+        return Steering.from_dict(steering)
+    raise UserError(f"cannot use {type(steering).__name__} as a steering")
