@@ -189,11 +189,15 @@ def installed_manifest() -> dict | None:
         return None
 
 
-def build_stock(sdist: Path, sha256: str, opts: list[str], jobs: int, force: bool) -> Path:
-    """An unpatched libllama from the same sdist (only the libraries), for tests that compare with stock llama.cpp."""
+def stock_root(sha256: str, opts: list[str]) -> Path:
     h = hashlib.sha256((sha256 + "stock" + "\0".join(opts)).encode())
     h.update((REPO / "CMakeLists.txt").read_bytes())
-    root = cache_root() / f"stock-{h.hexdigest()[:16]}"
+    return cache_root() / f"stock-{h.hexdigest()[:16]}"
+
+
+def build_stock(sdist: Path, sha256: str, opts: list[str], jobs: int, force: bool) -> Path:
+    """An unpatched libllama from the same sdist (only the libraries), for tests that compare with stock llama.cpp."""
+    root = stock_root(sha256, opts)
     bindir = root / "cmake-build" / "bin"
     if force or not (root / "stamp").exists():
         unpack_and_patch(sdist, root / "src", patches=False)
@@ -215,7 +219,10 @@ def record_stock(stock_lib_dir: Path) -> None:
 def install(src: Path, bdir: Path, key: str, version: str) -> None:
     # the Python package only: its own CMake build is switched off, our libraries replace it
     env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
-    run([sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation",
+    # its runtime dependencies (a no-op when present), then the package itself without touching them
+    run([sys.executable, "-m", "pip", "install", "--quiet", "typing-extensions>=4.5", "numpy>=1.20", "diskcache>=5.6.1",
+         "jinja2>=2.11.3"])
+    run([sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps",
          "--force-reinstall", str(src)], env=env)
     libdir = site_packages() / "llama_cpp" / "lib"
     libdir.mkdir(parents=True, exist_ok=True)
@@ -310,6 +317,8 @@ def main(argv=None) -> int:
         log(f"built {key} in {time.time() - t0:.0f} s")
     if not args.no_install:
         install(root / "src", root / "cmake-build", key, version)
+        if (stock_root(sha256, opts) / "stamp").exists():  # keep a stock build made earlier on record
+            record_stock(stock_root(sha256, opts) / "cmake-build" / "bin")
     if args.with_stock:
         record_stock(build_stock(sdist, sha256, opts, args.jobs, args.force))
     return 0

@@ -13,7 +13,10 @@ import click
 
 # command name -> (module, attribute, one-line help shown by --help without importing the module)
 COMMANDS = {
+    "demo": ("edge_mote.cli.demo", "demo", "Steer a tiny MoE the project makes itself (no downloads) and show the effect."),
     "info": ("edge_mote.cli.info", "info", "Show a model's architecture, MoE layers, experts and stored profiles."),
+    "rpc-worker": ("edge_mote.cli.rpc_worker", "rpc_worker",
+                   "Start an RPC worker (ggml-rpc-server) so another machine can run layers here."),
     "run": ("edge_mote.cli.run", "run", "Generate text with optional expert steering (OFF/DROP/ON/bias, profiles)."),
 }
 

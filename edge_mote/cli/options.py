@@ -19,13 +19,16 @@ def load_options(f):
     """How to load the model: context size, threads, GPU offload."""
     f = click.option("--ctx", "n_ctx", type=click.IntRange(16), default=2048, show_default=True, help="Context size.")(f)
     f = click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's).")(f)
-    f = click.option("--gpu-layers", "n_gpu_layers", type=int, default=0, show_default=True,
-                     help="Layers to offload to the GPU (-1: all).")(f)
+    f = click.option("--gpu-layers", "n_gpu_layers", type=int, default=None,
+                     help="Layers to offload to GPU/RPC devices (-1: all; default 0, or all with --rpc).")(f)
+    f = click.option("--rpc", "rpc", default=None, metavar="HOST:PORT,...",
+                     help="RPC workers (edge-mote rpc-worker / ggml-rpc-server) to place layers on.")(f)
     return f
 
 
-def load_kwargs(n_ctx, n_threads, n_gpu_layers) -> dict:
-    return {"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers}
+def load_kwargs(n_ctx, n_threads, n_gpu_layers, rpc=None) -> dict:
+    servers = [s for s in (rpc or "").split(",") if s.strip()]
+    return {"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "rpc_servers": servers or None}
 
 
 def steering_options(f):

@@ -43,6 +43,46 @@ def open_reader(path: str | os.PathLike):
                         hint="the file may be truncated or not a GGUF model") from None
 
 
+def check_gguf_header(path: str | os.PathLike) -> None:
+    """Cheap checks before a model is handed to llama.cpp: the file exists and starts with the GGUF magic."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a valid GGUF file (it does not start with the GGUF magic)",
+                        hint="the file may be truncated or not a GGUF model")
+
+
+def read_profiles_cached(path: str | os.PathLike) -> tuple[dict[str, Profile], str | None]:
+    """``read_profiles`` memoised on disk by (path, size, mtime): gguf-py parses every vocabulary entry on open,
+    which takes seconds on real models, and profiles are read on every load."""
+    import hashlib
+    import json
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0v{K.SCHEMA_VERSION}".encode()).hexdigest()[:24]
+    cache = Path(os.environ.get("EDGE_MOTE_CACHE", Path.home() / ".cache" / "edge-mote")).expanduser() / "meta" / f"{key}.json"
+    try:
+        d = json.loads(cache.read_text())
+        return ({n: Profile(n, Steering.from_dict(p["steering"]), p["description"]) for n, p in d["profiles"].items()},
+                d["default"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    profiles, default = read_profiles(path)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"default": default, "profiles": {
+            n: {"steering": p.steering.to_dict(), "description": p.description} for n, p in profiles.items()}}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return profiles, default
+
+
 def _field_value(reader, key: str):
     field = reader.fields.get(key)
     if field is None:

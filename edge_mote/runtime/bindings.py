@@ -53,6 +53,37 @@ def lib():
     return handle
 
 
+_log = {"verbose": False, "last_error": "", "callback": None}
+
+
+def set_native_logging(verbose: bool) -> None:
+    """Route llama.cpp/ggml logs: printed only when verbose; the last error line is kept for error messages.
+
+    (llama-cpp-python maps ggml's log levels off by one and prints warnings as errors even when not verbose.)
+    """
+    import sys
+
+    import llama_cpp
+
+    _log["verbose"] = bool(verbose)
+    if _log["callback"] is None:
+        # typedef void (*ggml_log_callback)(enum ggml_log_level level, const char * text, void * user_data);
+        @llama_cpp.llama_log_callback
+        def _callback(level, text, user_data):
+            msg = text.decode("utf-8", errors="replace")
+            if level == 4 and msg.strip():  # GGML_LOG_LEVEL_ERROR
+                _log["last_error"] = msg.strip()
+            if _log["verbose"]:
+                sys.stderr.write(msg)
+
+        _log["callback"] = _callback  # keep alive: llama.cpp holds the pointer
+        llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def last_native_error() -> str:
+    return _log["last_error"]
+
+
 def _fn(handle, name, argtypes, restype):
     f = getattr(handle, name)
     f.argtypes = argtypes
@@ -89,6 +120,29 @@ def _declare(h) -> None:
     #                                            const float ** weights, int32_t * n_used);
     _fn(h, "llama_get_expert_capture",
         [c_void_p, c_int32, POINTER(POINTER(c_int32)), POINTER(POINTER(c_float)), POINTER(c_int32)], c_int32)
+
+
+_rpc_registered: set[str] = set()
+
+
+def add_rpc_server(endpoint: str) -> None:
+    """Register an RPC worker (``host:port``) as a ggml device, once per process.
+
+    ggml's ``ggml_backend_rpc_add_server`` aborts the process when it cannot connect, so the caller checks that
+    the worker answers first (see ``runtime.rpc.check_reachable``).
+    """
+    if endpoint in _rpc_registered:
+        return
+    h = lib()
+    # GGML_BACKEND_API ggml_backend_reg_t ggml_backend_rpc_add_server(const char * endpoint);
+    f = _fn(h, "ggml_backend_rpc_add_server", [c_char_p], c_void_p)
+    # GGML_API void ggml_backend_register(ggml_backend_reg_t reg);
+    reg_fn = _fn(h, "ggml_backend_register", [c_void_p], None)
+    reg = f(endpoint.encode())
+    if not reg:
+        raise EdgeMoteError(f"could not add RPC worker {endpoint}")
+    reg_fn(reg)
+    _rpc_registered.add(endpoint)
 
 
 def check(rc: int, what: str) -> int:

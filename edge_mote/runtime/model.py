@@ -121,21 +121,24 @@ class Model:
     """A loaded GGUF model with steerable MoE routing. Use ``edge_mote.load`` to make one."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
-                 n_gpu_layers: int = 0, seed: int = 0, verbose: bool = False, **llama_kwargs):
-        from ..gguf_meta.profiles import open_reader, read_profiles
+                 n_gpu_layers: int | None = None, rpc_servers: Sequence[str] | None = None, seed: int = 0,
+                 verbose: bool = False, **llama_kwargs):
+        from ..gguf_meta import keys as K
+        from ..gguf_meta.profiles import check_gguf_header, read_profiles_cached
 
         path = _resolve(path)
-        reader = open_reader(path)  # one-line error for missing, corrupt or truncated files
-        arch = reader.fields.get("general.architecture")
-        if arch is None:
-            raise UserError(f"{path} has no general.architecture: not a llama.cpp model")
-        self._profiles, default = read_profiles(reader)
-        name_field = reader.fields.get("general.name")
-        del reader
+        check_gguf_header(path)  # one-line error for missing, empty or non-GGUF files, before llama.cpp sees them
 
         lib = B.lib()
         import llama_cpp
 
+        B.set_native_logging(verbose or os.environ.get("EDGE_MOTE_DEBUG") == "1")
+        if rpc_servers:
+            from .rpc import connect
+
+            connect(rpc_servers)  # one-line error if a worker is unreachable
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if rpc_servers else 0  # with RPC workers, offload every layer to the devices
         kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, 512), logits_all=True, verbose=verbose,
                       n_gpu_layers=n_gpu_layers, seed=seed)
         if n_threads is not None:
@@ -144,9 +147,14 @@ class Model:
         kwargs.update(llama_kwargs)
         try:
             self._llm = llama_cpp.Llama(model_path=str(path), **kwargs)
-        except ValueError as e:
-            raise UserError(f"llama.cpp could not load {path}: {e}",
-                            hint="is it a complete GGUF model of an architecture this llama.cpp supports?") from None
+        except ValueError:
+            why = B.last_native_error() or "the file is truncated, corrupt or of an unsupported architecture"
+            raise UserError(f"llama.cpp could not load {path}: {why}",
+                            hint="check the download (size, sha256); EDGE_MOTE_DEBUG=1 shows llama.cpp's log") from None
+        meta = self._llm.metadata  # scalar keys only (llama.cpp keeps no arrays here)
+        arch = meta.get(K.ARCHITECTURE, "unknown")
+        # profiles are arrays: read with gguf-py, only for files that carry edge-mote metadata (cached by file identity)
+        self._profiles, default = read_profiles_cached(path) if K.VERSION in meta else ({}, None)
         self._lib = lib
         self._mp = self._llm._model.model
         self._ctx = self._llm._ctx.ctx
@@ -156,7 +164,7 @@ class Model:
         n_expert = lib.llama_model_n_expert(self._mp)
         moe = tuple(il for il in range(n_layer) if n_expert > 0 and lib.llama_model_layer_is_moe(self._mp, il) == 1)
         self.info = ModelInfo(
-            path=str(path), arch=str(arch.contents()), name=str(name_field.contents()) if name_field else None,
+            path=str(path), arch=str(arch), name=meta.get(K.NAME),
             n_layer=n_layer, moe_layers=moe, n_expert=n_expert,
             n_expert_used={il: lib.llama_model_n_expert_used(self._mp, il) for il in moe},
             n_vocab=self._llm.n_vocab(), n_ctx_train=self._llm._model.n_ctx_train(),
