@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import UserError
 from .runtime.model import Completion, ModelInfo, load
@@ -54,3 +55,65 @@ def run_prompt(model: str | os.PathLike, prompt: str, *, steering: Steering | No
             m.set_steering(m.steering | steering)
         completion = m.generate(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
         return RunResult(m.info, m.steering, used_profile, completion)
+
+
+# -- profiles -------------------------------------------------------------------------------------------------------
+
+def list_profiles(model: str | os.PathLike) -> tuple[dict, str | None]:
+    """The profiles stored in a GGUF (name -> Profile) and the default profile's name."""
+    from .gguf_meta.profiles import read_profiles
+
+    return read_profiles(model)
+
+
+def steering_from_ranking(ranking, top: int, mode: str = "off", bias: float | None = None,
+                          info: ModelInfo | None = None) -> Steering:
+    """A steering of the first ``top`` experts of a ranking ([(layer, expert), ...], most behaviour-linked first):
+    switched OFF / DROPped / forced ON, or, with ``bias``, given that router-logit bias."""
+    from .evaluate.protocol import top_experts
+
+    if top < 1:
+        raise UserError("--top must be >= 1")
+    if bias is not None:
+        picked = list(ranking[:top])
+        if len(picked) < top:
+            raise UserError(f"the scan ranks only {len(picked)} experts")
+        return Steering(bias={ex: bias for ex in picked})
+    if mode not in ("off", "drop", "on"):
+        raise UserError(f"unknown mode '{mode}': use off, drop or on")
+    if info is not None:
+        picked = top_experts(ranking, top, mode, info.n_expert, info.n_expert_used)
+    else:
+        picked = list(ranking[:top])
+    return Steering(**{mode: picked})
+
+
+def add_profile(model: str | os.PathLike, out: str | os.PathLike, name: str, steering: Steering,
+                description: str = "", default: bool = False) -> Path:
+    """Copy ``model`` to ``out`` with profile ``name`` added (or replaced); validated against the model's shape."""
+    from .gguf_meta.profiles import Profile, check_profile_name, read_profiles, write_profiles
+
+    check_profile_name(name)
+    if not steering:
+        raise UserError("the profile is empty: give experts to steer")
+    with load(model, n_ctx=64) as m:
+        info = m.info
+        if not info.is_moe:
+            raise UserError(f"{Path(model).name} is not a Mixture-of-Experts model")
+        steering.to_arrays(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)  # validates
+    profiles, current_default = read_profiles(model)
+    profiles = dict(profiles)
+    profiles[name] = Profile(name, steering, description)
+    return write_profiles(model, out, profiles, name if default else current_default)
+
+
+def remove_profile(model: str | os.PathLike, out: str | os.PathLike, name: str) -> Path:
+    """Copy ``model`` to ``out`` without profile ``name``."""
+    from .gguf_meta.profiles import read_profiles, write_profiles
+
+    profiles, default = read_profiles(model)
+    if name not in profiles:
+        raise UserError(f"unknown profile '{name}' in {Path(model).name}",
+                        hint="profiles: " + (", ".join(profiles) or "none stored"))
+    profiles = {k: v for k, v in profiles.items() if k != name}
+    return write_profiles(model, out, profiles, None if default == name else default)

@@ -256,16 +256,42 @@ def install(src: Path, bdir: Path, key: str, version: str) -> None:
     log(f"installed patched llama_cpp into {libdir}")
 
 
-def cuda_objects(src: Path, bdir: Path, arch: str, jobs: int) -> None:
-    """Compile the CUDA sources the patch relies on (proves they build where no GPU is present)."""
+def cublas_include() -> Path:
+    """A folder with cublas_v2.h: the CUDA toolkit's, or the headers of PyPI's nvidia-cublas wheel (no GPU needed)."""
+    nvcc = Path(shutil.which("nvcc")).resolve()
+    for inc in (nvcc.parent.parent / "include", Path("/usr/local/cuda/include")):
+        if (inc / "cublas_v2.h").exists():
+            return inc
+    d = cache_root() / "cuda-headers"
+    hdr = next(d.rglob("cublas_v2.h"), None) if d.exists() else None
+    if hdr is None:
+        import zipfile
+
+        log("cublas headers missing from the toolkit: fetching them from the nvidia-cublas wheel")
+        with tempfile.TemporaryDirectory() as tmp:
+            run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "nvidia-cublas", "-d", tmp])
+            (wheel,) = Path(tmp).glob("*.whl")
+            with zipfile.ZipFile(wheel) as zf:
+                for name in zf.namelist():
+                    if "/include/" in name and name.endswith(".h"):
+                        zf.extract(name, d)
+        hdr = next(d.rglob("cublas_v2.h"))
+    return hdr.parent
+
+
+def cuda_objects(src: Path, out: Path, arch: str, jobs: int) -> None:
+    """Compile the CUDA sources the patch relies on with nvcc (proves they build where no GPU is present)."""
     if not shutil.which("nvcc"):
         sys.exit("error: nvcc not found")
-    vendor = src / "vendor" / "llama.cpp"
-    run(["cmake", "-S", REPO, "-B", bdir, *generator(), f"-DEDGE_MOTE_LLAMA_CPP_DIR={vendor}",
-         "-DCMAKE_BUILD_TYPE=Release", "-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}"])
-    objs = [f"llama.cpp/ggml/src/ggml-cuda/CMakeFiles/ggml-cuda.dir/{name}.o" for name in CUDA_OBJECTS]
-    run(["cmake", "--build", bdir, "--parallel", str(jobs), "--target", *objs])
-    log(f"compiled {len(objs)} CUDA objects for sm_{arch}: " + ", ".join(CUDA_OBJECTS))
+    ggml = src / "vendor" / "llama.cpp" / "ggml"
+    out.mkdir(parents=True, exist_ok=True)
+    flags = ["-std=c++17", "-O2", f"--generate-code=arch=compute_{arch},code=sm_{arch}", "-DGGML_USE_CUDA",
+             "-DGGML_CUDA_USE_GRAPHS", "-I", ggml / "include", "-I", ggml / "src", "-I", ggml / "src" / "ggml-cuda",
+             "-I", cublas_include(), "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"]
+    for name in CUDA_OBJECTS:
+        obj = out / (name + ".o")
+        run(["nvcc", *flags, "-c", ggml / "src" / "ggml-cuda" / name, "-o", obj])
+    log(f"compiled {len(CUDA_OBJECTS)} CUDA objects for sm_{arch} into {out}: " + ", ".join(CUDA_OBJECTS))
 
 
 def main(argv=None) -> int:
@@ -288,7 +314,7 @@ def main(argv=None) -> int:
         root = cache_root() / f"cuda-objects-{tree_key(sha256, [arch])}"
         if not (root / "src").exists():
             unpack_and_patch(sdist, root / "src")
-        cuda_objects(root / "src", root / "cmake-cuda", arch, args.jobs)
+        cuda_objects(root / "src", root / f"sm_{arch}", arch, args.jobs)
         return 0
 
     opts = cmake_options(args)

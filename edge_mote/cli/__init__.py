@@ -15,6 +15,7 @@ import click
 COMMANDS = {
     "demo": ("edge_mote.cli.demo", "demo", "Steer a tiny MoE the project makes itself (no downloads) and show the effect."),
     "info": ("edge_mote.cli.info", "info", "Show a model's architecture, MoE layers, experts and stored profiles."),
+    "profile": ("edge_mote.cli.profile", "profile", "Add, list and remove named steering profiles stored in a GGUF."),
     "rpc-worker": ("edge_mote.cli.rpc_worker", "rpc_worker",
                    "Start an RPC worker (ggml-rpc-server) so another machine can run layers here."),
     "run": ("edge_mote.cli.run", "run", "Generate text with optional expert steering (OFF/DROP/ON/bias, profiles)."),

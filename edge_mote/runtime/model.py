@@ -323,6 +323,28 @@ class Model:
             weights={il: np.concatenate(v) for il, v in parts_w.items()},
         )
 
+    def greedy(self, tokens: Sequence[int], max_new: int, stop_at_eos: bool = True) -> tuple[list[int], np.ndarray]:
+        """Greedy continuation of ``tokens`` (from an empty context): the new token ids, and the next-token logits
+        at every position of the prompt and the continuation ([len(tokens) + len(new), n_vocab], float32)."""
+        tokens = self._check_tokens(tokens)
+        llm = self._live()
+        if len(tokens) + max_new > llm.n_ctx():
+            raise UserError(f"{len(tokens)} prompt + {max_new} new tokens do not fit the context of {llm.n_ctx()}")
+        eos = llm.token_eos() if stop_at_eos else -1
+        llm.reset()
+        llm.eval(tokens)
+        new: list[int] = []
+        while len(new) < max_new:
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if nxt == eos:
+                break
+            new.append(nxt)
+            if len(new) < max_new:
+                llm.eval([nxt])
+        logits = np.array(llm.scores[: llm.n_tokens], dtype=np.float32, copy=True)
+        llm.reset()
+        return new, logits
+
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                  stop: Sequence[str] | None = None) -> Completion:
         """Complete ``prompt`` (greedy at temperature 0; reproducible for a fixed seed)."""

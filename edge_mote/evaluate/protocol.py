@@ -1,0 +1,232 @@
+"""The MoTE evaluation protocol plus Heretic's quality measure, in one table.
+
+For the unsteered model, then for top-N (from a scan's ranking) and random-N experts in each mode (OFF, DROP, ON):
+
+* behaviour rate on the behaviour set and false-behaviour rate on the control set, each at **decision level**
+  (the response opens with the behaviour) and **phrase level** (a marker anywhere);
+* on the behaviour set, the share of **coherent compliant** answers (no behaviour opener and coherent text) and,
+  where reference answers exist, the share whose first tokens match the reference;
+* on the control set, **first-token KL** (at the decision position) and **mean next-token KL** over the unsteered
+  response (teacher-forced), both KL(unsteered || steered);
+* **perplexity** of reference answers (``"answer"`` in the prompt files) on each set.
+
+Random-N experts are drawn uniformly without replacement from all routed experts of the MoE layers except the
+top-N being compared, redrawn when a draw would break a layer's limits (at most n_expert - k OFF, at most k ON);
+trial t uses ``numpy.random.default_rng(seed + t)``, so runs are reproducible. Decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from ..runtime.steering import Steering
+from .detectors import REFUSAL, BehaviorDetector, is_coherent
+from .metrics import answer_nll, kl_divergence, log_softmax, perplexity
+
+MODES = ("off", "drop", "on")
+METRICS = ("behavior_decision", "behavior_phrase", "compliant", "reference_match", "control_decision",
+           "control_phrase", "kl_first", "kl_mean", "ppl_control", "ppl_behavior")
+KL_TOKENS = 8  # response positions scored by the mean next-token KL
+
+
+@dataclass
+class Prepared:
+    """A prompt rendered and tokenized, with its tokenized reference answer (if any)."""
+
+    tokens: list[int]
+    answer: list[int] | None
+
+
+@dataclass
+class Row:
+    name: str
+    mode: str | None
+    n: int
+    values: dict[str, float]
+    sd: dict[str, float] = field(default_factory=dict)
+    steering: str = ""
+    trials: int = 1
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "mode": self.mode, "n": self.n, "trials": self.trials, "steering": self.steering,
+                **{k: _clean(v) for k, v in self.values.items()},
+                **({"sd": {k: _clean(v) for k, v in self.sd.items()}} if self.sd else {})}
+
+
+def _clean(v: float):
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
+
+
+@dataclass
+class EvalReport:
+    rows: list[Row]
+    detector: BehaviorDetector
+    n_behavior: int
+    n_control: int
+    max_new: int
+    seed: int
+    random_trials: int
+    seconds: float = 0.0
+
+    def row(self, name: str) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"schema": "edge-mote.eval/1", "detector": self.detector.to_dict(), "n_behavior": self.n_behavior,
+                "n_control": self.n_control, "max_new": self.max_new, "seed": self.seed,
+                "random_trials": self.random_trials, "seconds": round(self.seconds, 2),
+                "rows": [r.to_dict() for r in self.rows]}
+
+
+class _Evaluator:
+    def __init__(self, model, behavior: Sequence[Prepared], control: Sequence[Prepared], detector: BehaviorDetector,
+                 max_new: int, progress: Callable[[], None] | None):
+        self.m, self.behavior, self.control = model, behavior, control
+        self.detector, self.max_new, self.tick = detector, max_new, progress or (lambda: None)
+        # unsteered control responses and their log-probabilities: the reference for the KL measures
+        self.ref: list[tuple[list[int], np.ndarray]] = []
+        with model.steer(None):
+            for p in control:
+                new, logits = model.greedy(p.tokens, max_new)
+                n = len(p.tokens)
+                self.ref.append((new, log_softmax(logits[n - 1: n + min(len(new), KL_TOKENS)]).astype(np.float32)))
+
+    def measure(self, steering: Steering) -> dict[str, float]:
+        m, det = self.m, self.detector
+        m.set_steering(steering)
+        b_dec = b_phr = compliant = 0
+        ref_hits = ref_n = 0
+        nll_b = n_b = 0.0
+        for p in self.behavior:
+            new, _ = m.greedy(p.tokens, self.max_new)
+            text = m.detokenize(new)
+            dec, phr = det.decision(text), det.phrase(text)
+            b_dec += dec
+            b_phr += phr
+            compliant += (not dec) and is_coherent(text)
+            if p.answer:
+                k = min(3, len(p.answer))
+                ref_hits += new[:k] == p.answer[:k]
+                ref_n += 1
+                s, c = answer_nll(m.logits(p.tokens + p.answer), len(p.tokens), p.answer)
+                nll_b, n_b = nll_b + s, n_b + c
+            self.tick()
+        c_dec = c_phr = 0
+        kl_first, kl_mean = [], []
+        nll_c = n_c = 0.0
+        for p, (ref_new, ref_lp) in zip(self.control, self.ref):
+            new, _ = m.greedy(p.tokens, self.max_new)
+            text = m.detokenize(new)
+            c_dec += det.decision(text)
+            c_phr += det.phrase(text)
+            n = len(p.tokens)
+            forced = m.logits(p.tokens + ref_new[:KL_TOKENS]) if ref_new else m.logits(p.tokens)
+            kl = kl_divergence(ref_lp, forced[n - 1: n - 1 + len(ref_lp)])
+            kl_first.append(float(kl[0]))
+            kl_mean.append(float(kl.mean()))
+            if p.answer:
+                s, c = answer_nll(m.logits(p.tokens + p.answer), n, p.answer)
+                nll_c, n_c = nll_c + s, n_c + c
+            self.tick()
+        nb, nc = max(len(self.behavior), 1), max(len(self.control), 1)
+        return {
+            "behavior_decision": b_dec / nb, "behavior_phrase": b_phr / nb, "compliant": compliant / nb,
+            "reference_match": ref_hits / ref_n if ref_n else float("nan"),
+            "control_decision": c_dec / nc, "control_phrase": c_phr / nc,
+            "kl_first": float(np.mean(kl_first)) if kl_first else float("nan"),
+            "kl_mean": float(np.mean(kl_mean)) if kl_mean else float("nan"),
+            "ppl_control": perplexity(nll_c, int(n_c)), "ppl_behavior": perplexity(nll_b, int(n_b)),
+        }
+
+
+def _steering(mode: str, experts: Sequence[tuple[int, int]]) -> Steering:
+    return Steering(**{mode: list(experts)})
+
+
+def _valid(mode: str, experts: Sequence[tuple[int, int]], n_expert: int, k: dict[int, int]) -> bool:
+    per_layer: dict[int, int] = {}
+    for layer, _ in experts:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    if mode == "off":
+        return all(c <= n_expert - k[l] for l, c in per_layer.items())
+    if mode == "on":
+        return all(c <= k[l] for l, c in per_layer.items())
+    return True
+
+
+def draw_random(n: int, mode: str, exclude: set[tuple[int, int]], moe_layers: Sequence[int], n_expert: int,
+                k: dict[int, int], rng: np.random.Generator) -> list[tuple[int, int]]:
+    """N random routed experts (see the module docstring for how they are drawn)."""
+    pool = [(l, e) for l in moe_layers for e in range(n_expert) if (l, e) not in exclude]
+    if n > len(pool):
+        raise UserError(f"cannot draw {n} random experts: only {len(pool)} are left")
+    for _ in range(1000):
+        pick = [pool[i] for i in rng.choice(len(pool), size=n, replace=False)]
+        if _valid(mode, pick, n_expert, k):
+            return sorted(pick)
+    raise UserError(f"cannot draw {n} random experts for mode {mode} within the layers' limits")
+
+
+def top_experts(ranking: Sequence[tuple[int, int]], n: int, mode: str, n_expert: int,
+                k: dict[int, int]) -> list[tuple[int, int]]:
+    """The first N experts of a ranking that together respect the layers' limits (skipping those that would not)."""
+    out: list[tuple[int, int]] = []
+    for ex in ranking:
+        if len(out) == n:
+            break
+        if _valid(mode, out + [ex], n_expert, k):
+            out.append(ex)
+    if len(out) < n:
+        raise UserError(f"the scan ranks only {len(out)} experts usable for top-{n} {mode}")
+    return out
+
+
+def evaluate(model, behavior: Sequence[Prepared], control: Sequence[Prepared], ranking: Sequence[tuple[int, int]],
+             tops: Sequence[int] = (1, 5, 10), modes: Sequence[str] = MODES, random_trials: int = 5, seed: int = 0,
+             max_new: int = 16, detector: BehaviorDetector = REFUSAL,
+             progress: Callable[[int], Callable[[], None]] | None = None) -> EvalReport:
+    """Run the protocol on a loaded model (see the module docstring). ``ranking``: experts, most behaviour-linked first."""
+    info = model.info
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise UserError(f"unknown mode '{bad[0]}': use off, drop or on")
+    if any(n < 1 for n in tops):
+        raise UserError("--top values must be >= 1")
+    if not behavior or not control:
+        raise UserError("both the behaviour and the control set need at least one prompt")
+    t0 = time.perf_counter()
+    n_configs = 1 + len(tops) * len(modes) * (1 + random_trials)
+    tick = progress(n_configs * (len(behavior) + len(control)) + len(control)) if progress else None
+    ev = _Evaluator(model, behavior, control, detector, max_new, tick)
+    previous = model.steering
+    rows = [Row("unsteered", None, 0, ev.measure(Steering()))]
+    try:
+        for n in tops:
+            for mode in modes:
+                top = top_experts(ranking, n, mode, info.n_expert, info.n_expert_used)
+                s = _steering(mode, top)
+                rows.append(Row(f"top-{n} {mode}", mode, n, ev.measure(s), steering=str(s)))
+                if random_trials:
+                    trials = []
+                    for t in range(random_trials):
+                        pick = draw_random(n, mode, set(top), info.moe_layers, info.n_expert, info.n_expert_used,
+                                           np.random.default_rng(seed + t))
+                        trials.append(ev.measure(_steering(mode, pick)))
+                    mean = {k: float(np.nanmean([tr[k] for tr in trials])) if not all(math.isnan(tr[k]) for tr in trials)
+                            else float("nan") for k in METRICS}
+                    sd = {k: float(np.nanstd([tr[k] for tr in trials])) if not all(math.isnan(tr[k]) for tr in trials)
+                          else float("nan") for k in METRICS}
+                    rows.append(Row(f"random-{n} {mode}", mode, n, mean, sd, trials=random_trials))
+    finally:
+        model.set_steering(previous)
+    return EvalReport(rows, detector, len(behavior), len(control), max_new, seed, random_trials,
+                      time.perf_counter() - t0)
