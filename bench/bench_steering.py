@@ -310,6 +310,7 @@ def report(r: dict) -> str:
     med = {c: {k: statistics.median(v) for k, v in sp[c].items()} for c in ("stock", "patched", "steered")}
     ratio = {c: {k: statistics.median(a / b for a, b in zip(sp[c][k], sp["stock"][k])) for k in ("prompt", "decode")}
              for c in ("patched", "steered")}
+    per_round = [a / b for c in ("patched", "steered") for k in ("prompt", "decode") for a, b in zip(sp[c][k], sp["stock"][k])]
     md = r["model"]
     p, d = r["prompt_tokens"], r["decode_tokens"]
     out = [f"### Steering overhead and routing capture ({mc['date']})", "",
@@ -319,7 +320,8 @@ def report(r: dict) -> str:
            f"Model: random Qwen3-MoE, F16, {md['size_mb']:.0f} MB, {md['n_layer']} layers, {md['n_expert']} experts, "
            f"top-{md['k']}, hidden {md['hidden']}  ",
            f"Rounds: {r['rounds']} (stock and patched workers alternate; {r['inner']} runs per worker and round); "
-           f"medians, ratio = median of per-round ratios; spread = min-max over rounds", "",
+           f"medians, ratio = median of per-round ratios (which ranged {min(per_round):.2f}-{max(per_round):.2f}); "
+           f"spread = min-max over rounds", "",
            f"| configuration | prompt tok/s ({p} tok, 1 batch) | spread | decode tok/s ({d} tok) | spread "
            f"| prompt ratio | decode ratio | target |",
            "|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -117,3 +117,86 @@ def remove_profile(model: str | os.PathLike, out: str | os.PathLike, name: str) 
                         hint="profiles: " + (", ".join(profiles) or "none stored"))
     profiles = {k: v for k, v in profiles.items() if k != name}
     return write_profiles(model, out, profiles, None if default == name else default)
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+
+def prepare_prompts(model, prompt_set, raw: bool = False):
+    """Render (chat template unless ``raw``) and tokenize every prompt of a set, with its reference answer."""
+    from .evaluate.protocol import Prepared
+    from .ftri.prompts import render
+
+    out = []
+    for item in prompt_set:
+        r = render(model, item, raw=raw)
+        tokens = model.tokenize(r.text, add_bos=not r.templated, special=r.templated)
+        answer = None
+        if item.answer:
+            answer = model.tokenize((" " if not item.answer.startswith((" ", "\n")) else "") + item.answer,
+                                    add_bos=False, special=False)
+        out.append(Prepared(tokens, answer))
+    return out
+
+
+def run_eval(model: str | os.PathLike, behavior: str | os.PathLike, control: str | os.PathLike,
+             scan: str | os.PathLike, *, tops=(1, 5, 10), modes=("off", "drop", "on"), random_trials: int = 5,
+             seed: int = 0, max_new: int = 16, detector: str | os.PathLike | None = None, raw: bool = False,
+             progress: bool = False, **load_kwargs):
+    """The MoTE evaluation protocol (edge_mote.evaluate.protocol) on one model, with the ranking of a scan."""
+    from .evaluate.detectors import load_detector
+    from .evaluate.protocol import evaluate
+    from .ftri.prompts import load_prompts
+
+    det = load_detector(detector)
+    bset, cset = load_prompts(behavior), load_prompts(control)
+    ranking, _ = scan_ranking(scan)
+    with load(model, **load_kwargs) as m:
+        if not m.info.is_moe:
+            raise UserError(f"{Path(model).name} is not a Mixture-of-Experts model")
+        check_scan_matches(scan, m.info)
+        b, c = prepare_prompts(m, bset, raw), prepare_prompts(m, cset, raw)
+        bar = _progress_factory(progress)
+        return evaluate(m, b, c, ranking, tops=tops, modes=modes, random_trials=random_trials, seed=seed,
+                        max_new=max_new, detector=det, progress=bar)
+
+
+def _progress_factory(enabled: bool):
+    """A tqdm-based tick factory when enabled and stderr is a terminal, else None."""
+    import sys
+
+    if not enabled or not sys.stderr.isatty():
+        return None
+
+    def make(total: int):
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="prompt", file=sys.stderr, leave=False)
+        return lambda: bar.update(1)
+
+    return make
+
+
+def scan_ranking(scan: str | os.PathLike) -> tuple[list[tuple[int, int]], ModelInfo | None]:
+    """The experts of a scan.json, most behaviour-linked first (positive risk difference only), and the model shape
+    it was made on (as a ModelInfo with what the scan records, for validating a profile without loading)."""
+    from .ftri.report import load_scan
+
+    doc = load_scan(scan)
+    ranking = [(int(e["layer"]), int(e["expert"])) for e in doc["ranking"]["entries"] if e["rd"] > 0]
+    if not ranking:
+        raise UserError(f"{scan}: no expert fires more for the behaviour than for the control set",
+                        hint="check the prompt sets and the --tokens window of the scan")
+    m = doc["model"]
+    info = ModelInfo(path=m.get("path", ""), arch=m.get("arch", ""), name=m.get("name"), n_layer=int(m["n_layer"]),
+                     moe_layers=tuple(int(x) for x in m["moe_layers"]), n_expert=int(m["n_expert"]),
+                     n_expert_used={int(k): int(v) for k, v in m["n_expert_used"].items()}, n_vocab=0, n_ctx_train=0,
+                     profiles=(), default_profile=None, file_bytes=int(m.get("file_bytes", 0)))
+    return ranking, info
+
+
+def check_scan_matches(scan: str | os.PathLike, info: ModelInfo) -> None:
+    """A scan made on a model of another shape cannot steer this one."""
+    _, s = scan_ranking(scan)
+    if (s.n_layer, s.n_expert, s.moe_layers) != (info.n_layer, info.n_expert, info.moe_layers):
+        raise UserError(f"{scan} was made on a model with {s.n_layer} layers x {s.n_expert} experts, "
+                        f"not this one ({info.n_layer} x {info.n_expert})")

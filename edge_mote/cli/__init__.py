@@ -14,7 +14,9 @@ import click
 # command name -> (module, attribute, one-line help shown by --help without importing the module)
 COMMANDS = {
     "demo": ("edge_mote.cli.demo", "demo", "Steer a tiny MoE the project makes itself (no downloads) and show the effect."),
+    "eval": ("edge_mote.cli.eval", "eval_", "Top-N vs random-N experts OFF/DROP/ON: behaviour, false behaviour, KL, perplexity."),
     "info": ("edge_mote.cli.info", "info", "Show a model's architecture, MoE layers, experts and stored profiles."),
+    "scan": ("edge_mote.cli.scan", "scan", "Find the experts behind a behaviour: rank them by risk difference between two prompt sets (fTRI)."),
     "profile": ("edge_mote.cli.profile", "profile", "Add, list and remove named steering profiles stored in a GGUF."),
     "rpc-worker": ("edge_mote.cli.rpc_worker", "rpc_worker",
                    "Start an RPC worker (ggml-rpc-server) so another machine can run layers here."),

@@ -133,9 +133,11 @@ class Model:
         import llama_cpp
 
         B.set_native_logging(verbose or os.environ.get("EDGE_MOTE_DEBUG") == "1")
-        if rpc_servers:
-            from .rpc import connect
+        from .rpc import check_registered, connect
 
+        # ggml aborts the process when a registered RPC worker cannot be reached: check every one first
+        check_registered()
+        if rpc_servers:
             connect(rpc_servers)  # one-line error if a worker is unreachable
         if n_gpu_layers is None:
             n_gpu_layers = -1 if rpc_servers else 0  # with RPC workers, offload every layer to the devices

@@ -61,6 +61,19 @@ def connect(endpoints: Iterable[str]) -> list[str]:
     return out
 
 
+def check_registered() -> None:
+    """Every RPC worker registered in this process must still answer: llama.cpp queries all devices on load, and
+    ggml aborts the process if one is gone. (Registration cannot be undone within a process.)"""
+    from . import bindings as B
+
+    for ep in sorted(B._rpc_registered):
+        try:
+            check_reachable(ep, timeout=2.0)
+        except UserError as e:
+            raise UserError(f"{e} (it was connected earlier in this process, and llama.cpp cannot forget it)",
+                            hint="restart that worker, or start a new process") from None
+
+
 def worker_command(host: str = LOCAL_HOST, port: int = DEFAULT_PORT, threads: int | None = None,
                    device: str | None = None, cache: bool = False) -> list[str]:
     """The ggml-rpc-server command line for a worker (built with the patch; the RPC protocol is unchanged)."""

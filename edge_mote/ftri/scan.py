@@ -1,0 +1,298 @@
+"""The fTRI scan: route two prompt sets through the model and count which experts each window token selected.
+
+Windows (``tokens=``), for a prompt of ``n`` tokens (after the chat template, unless ``raw``):
+
+``prompt``    every prompt token (positions ``0 .. n-1``);
+``decision``  the first response position: the routing at the last prompt token (position ``n-1``), the
+              computation that produces the first answer token;
+``response``  the positions that produce the greedy response the model writes itself, from the decision position
+              on: ``n-1 .. n-2+m`` where ``m`` = the response length + 1 if it stopped at an end-of-generation
+              token (the position that produced that token counts), else ``max_new``;
+``all``       ``prompt`` and ``response`` together (``0 .. n-2+m``).
+
+The response is generated greedily token by token (stopping at any end-of-generation token), then the routing
+of ``prompt + response`` is read once with ``Model.routing`` (the patched llama.cpp's capture). Statistics are
+over tokens (SteerMoE's ``a``/``d``), and the per-prompt counts are kept for the bootstrap (see ``stats``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .prompts import ChatTemplate, PromptItem, PromptSet, load_prompts, render
+from .stats import ExpertStats, Stability, bootstrap_stability, expert_stats, ranking
+
+__all__ = ["WINDOWS", "SetSummary", "PromptRecord", "ScanResult", "run_scan", "scan_and_write"]
+
+WINDOWS: tuple[str, ...] = ("prompt", "decision", "response", "all")
+
+
+@dataclass(frozen=True)
+class SetSummary:
+    """One prompt set as scanned."""
+
+    path: str
+    n_prompts: int
+    n_prompt_tokens: int      # all prompt tokens (after the chat template)
+    n_window_tokens: int      # tokens counted in the window
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """What the scan did with one prompt."""
+
+    set: str                  # "behavior" or "control"
+    id: str
+    source: str
+    n_prompt_tokens: int
+    n_window_tokens: int
+    response: str | None = None          # the greedy response (windows response/all)
+    n_response_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """Everything a scan measured; ``report.write_scan`` turns it into scan.json."""
+
+    info: Any                              # edge_mote.runtime.model.ModelInfo
+    steering: str                          # the steering in effect during the scan ("" = none)
+    window: str
+    max_new: int
+    raw: bool
+    templated: bool                        # the chat template was applied
+    behavior: SetSummary
+    control: SetSummary
+    layers: tuple[int, ...]
+    stats: ExpertStats = field(repr=False)
+    stability: Stability = field(repr=False)
+    counts1: np.ndarray = field(repr=False)   # [n_behaviour_prompts, n_layers, n_expert]
+    tokens1: np.ndarray = field(repr=False)   # [n_behaviour_prompts] window tokens
+    counts2: np.ndarray = field(repr=False)
+    tokens2: np.ndarray = field(repr=False)
+    prompts: tuple[PromptRecord, ...] = field(repr=False)
+    warnings: tuple[str, ...] = ()
+    seconds: float = 0.0
+    tokens_evaluated: int = 0
+
+    def top(self, n: int | None = None) -> list[dict]:
+        """The best ``n`` experts (all if None) as records with ``rank`` and bootstrap ``stability`` (top-10 freq)."""
+        st = self.stats
+        order = ranking(st.rd, st.z)
+        if n is not None:
+            order = order[: max(0, n)]
+        out = []
+        for rank, i in enumerate(order, 1):
+            li, e = divmod(int(i), st.n_expert)
+            rec = {"rank": rank, **st.record(li, e), "stability": float(self.stability.top_freq[li, e])}
+            out.append(rec)
+        return out
+
+    def to_dict(self, *, top: int = 100, full_hash: bool = False) -> dict:
+        """The scan.json document (see ``edge_mote.ftri.report``)."""
+        from .report import scan_document
+
+        return scan_document(self, top=top, full_hash=full_hash)
+
+
+def _as_set(s: PromptSet | str | os.PathLike | Sequence[str], name: str) -> PromptSet:
+    if isinstance(s, PromptSet):
+        return s
+    if isinstance(s, (str, os.PathLike)):
+        return load_prompts(s)
+    return PromptSet.from_texts(list(s), name=name)
+
+
+def _greedy(model: Any, tokens: list[int], max_new: int) -> tuple[list[int], bool]:
+    """Greedy continuation; stops at any end-of-generation token. Returns (new tokens, stopped at EOG)."""
+    import llama_cpp
+
+    llm = model._live()
+    vocab = llm._model.vocab
+    llm.reset()
+    try:
+        llm.eval(tokens)
+        new: list[int] = []
+        while len(new) < max_new:
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if llama_cpp.llama_vocab_is_eog(vocab, nxt):
+                return new, True
+            new.append(nxt)
+            if len(new) < max_new:
+                llm.eval([nxt])
+        return new, False
+    finally:
+        llm.reset()
+
+
+def _tokens_for(model: Any, item: PromptItem, template: ChatTemplate | None, raw: bool) -> tuple[list[int], bool, bool]:
+    """(prompt tokens, templated, fell back to raw text) for one item."""
+    r = render(template, item, raw=raw)
+    if r.templated:  # the template writes its own special tokens (BOS included), as llama-cpp-python does
+        toks = model.tokenize(r.text, add_bos=False, special=True)
+    else:            # like create_completion (edge-mote run): the model's BOS rule, special tokens parsed
+        toks = model.tokenize(r.text, add_bos=True, special=True)
+    if not toks:
+        raise UserError(f"{item.source}: the prompt has no tokens")
+    return toks, r.templated, r.fallback
+
+
+def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int, template: ChatTemplate | None,
+              raw: bool, bar: Any, state: dict) -> tuple[np.ndarray, np.ndarray, list[PromptRecord], int]:
+    info = model.info
+    layers = info.moe_layers
+    n_ctx = model._live().n_ctx()
+    counts = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.int32)
+    ntok = np.zeros(len(pset), dtype=np.int64)
+    records: list[PromptRecord] = []
+    n_prompt_total = 0
+    for pi, item in enumerate(pset):
+        toks, templated, fallback = _tokens_for(model, item, template, raw)
+        state["templated"] |= templated
+        state["fallback"] |= fallback
+        n = len(toks)
+        n_prompt_total += n
+        need = n + (max_new if window in ("response", "all") else 0)
+        if need > n_ctx:
+            raise UserError(f"{item.source}: {n} prompt tokens" + (f" + {max_new} new" if need > n else "")
+                            + f" do not fit the context of {n_ctx}", hint="load with a larger --ctx")
+        response = None
+        n_resp = None
+        if window in ("response", "all"):
+            new, _stopped = _greedy(model, toks, max_new)
+            m = min(len(new) + 1, max_new)
+            seq = toks + new[: m - 1]
+            rows = np.arange(n - 1, n - 1 + m) if window == "response" else np.arange(0, n - 1 + m)
+            response, n_resp = model.detokenize(new), len(new)
+            state["evaluated"] += n + len(new)
+        else:
+            seq = toks
+            rows = np.arange(0, n) if window == "prompt" else np.array([n - 1])
+        trace = model.routing(seq)
+        state["evaluated"] += len(seq)
+        for li, layer in enumerate(layers):
+            ids = trace.ids[layer][rows].reshape(-1)
+            ids = ids[(ids >= 0) & (ids < info.n_expert)]
+            counts[pi, li] = np.bincount(ids, minlength=info.n_expert)[: info.n_expert]
+        ntok[pi] = len(rows)
+        records.append(PromptRecord(set=label, id=item.id, source=item.source, n_prompt_tokens=n,
+                                    n_window_tokens=int(len(rows)), response=response, n_response_tokens=n_resp))
+        if bar is not None:
+            bar.update(1)
+            dt = time.perf_counter() - state["t0"]
+            if dt > 0:
+                bar.set_postfix_str(f"{state['evaluated'] / dt:.0f} tok/s")
+    return counts, ntok, records, n_prompt_total
+
+
+def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str],
+             control: PromptSet | str | os.PathLike | Sequence[str], tokens: str = "decision", max_new: int = 16,
+             raw: bool = False, progress: bool = True, *, n_boot: int = 200, seed: int = 0) -> ScanResult:
+    """Scan a loaded ``Model`` with a behaviour and a control prompt set (``PromptSet``, a path, or strings).
+
+    ``tokens`` is the window (``prompt``, ``decision``, ``response``, ``all``); ``max_new`` bounds the greedy
+    response (response/all). The steering in effect on ``model`` (e.g. the GGUF's default profile) applies and is
+    recorded. A progress bar (tqdm, with tokens/s) is shown when ``progress`` and stderr is a terminal.
+    """
+    if tokens not in WINDOWS:
+        raise UserError(f"unknown token window '{tokens}'", hint=f"choose one of {', '.join(WINDOWS)}")
+    if tokens in ("response", "all") and max_new < 1:
+        raise UserError(f"max_new must be >= 1 for the '{tokens}' window, got {max_new}")
+    bset, cset = _as_set(behavior, "behavior"), _as_set(control, "control")
+    model._require_moe()
+    template = None if raw else ChatTemplate.from_model(model)
+    bar = None
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(bset) + len(cset), unit="prompt", desc=f"scan ({tokens})", file=sys.stderr,
+                   leave=False, dynamic_ncols=True)
+    state: dict = {"t0": time.perf_counter(), "evaluated": 0, "templated": False, "fallback": False}
+    capture_was_on = bool(getattr(model, "_capture", True))
+    try:
+        c1, t1, r1, np1 = _scan_set(model, bset, "behavior", tokens, max_new, template, raw, bar, state)
+        c2, t2, r2, np2 = _scan_set(model, cset, "control", tokens, max_new, template, raw, bar, state)
+    finally:
+        if bar is not None:
+            bar.close()
+        if not capture_was_on and model._llm is not None:
+            model.set_capture(False)  # routing() turned it on; it costs a little on every later decode
+    layers = tuple(model.info.moe_layers)
+    stats = expert_stats(c1, t1, c2, t2, layers=layers)
+    stability = bootstrap_stability(c1, t1, c2, t2, n_boot=n_boot, seed=seed)
+    warnings = []
+    if state["fallback"]:
+        warnings.append(f"{Path(model.info.path).name} has no chat template (tokenizer.chat_template): "
+                        "prompts were used as raw text")
+    return ScanResult(
+        info=model.info, steering=str(model.steering) if model.steering else "", window=tokens, max_new=max_new,
+        raw=raw, templated=state["templated"],
+        behavior=SetSummary(bset.path, len(bset), np1, int(t1.sum())),
+        control=SetSummary(cset.path, len(cset), np2, int(t2.sum())),
+        layers=layers, stats=stats, stability=stability, counts1=c1, tokens1=t1, counts2=c2, tokens2=t2,
+        prompts=tuple(r1 + r2), warnings=tuple(warnings), seconds=time.perf_counter() - state["t0"],
+        tokens_evaluated=state["evaluated"])
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def _check_outputs(outputs: Sequence[tuple[str, str | os.PathLike | None]],
+                   inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse outputs that would overwrite an input or each other, or whose directory does not exist."""
+    seen: list[tuple[str, Path]] = []
+    for what, out in outputs:
+        if out is None:
+            continue
+        p = Path(out)
+        for i in inputs:
+            if _same_file(p, Path(i)):
+                raise UserError(f"the {what} output {out} is an input file; refusing to overwrite it")
+        for other_what, other in seen:
+            if _same_file(p, other):
+                raise UserError(f"the {what} and {other_what} outputs are the same file: {out}")
+        if p.is_dir():
+            raise UserError(f"the {what} output {out} is a directory")
+        parent = p.parent if str(p.parent) else Path(".")
+        if not parent.is_dir():
+            raise UserError(f"cannot write {out}: directory {parent} does not exist")
+        seen.append((what, p))
+
+
+def scan_and_write(model: str | os.PathLike, behavior: str | os.PathLike, control: str | os.PathLike,
+                   out: str | os.PathLike, *, tokens: str = "decision", max_new: int = 16, raw: bool = False,
+                   heatmap: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
+                   top: int = 100, progress: bool = True, n_boot: int = 200, seed: int = 0, full_hash: bool = False,
+                   **load_kwargs: Any) -> ScanResult:
+    """What ``edge-mote scan`` does: check the outputs, read both prompt sets (before loading the model), scan,
+    and write scan.json (atomically) and the optional PNG and HTML heatmaps."""
+    from ..runtime.model import load
+    from . import report
+
+    _check_outputs([("scan", out), ("heatmap", heatmap), ("html", html)], [model, behavior, control])
+    if tokens not in WINDOWS:
+        raise UserError(f"unknown token window '{tokens}'", hint=f"choose one of {', '.join(WINDOWS)}")
+    bset, cset = load_prompts(behavior), load_prompts(control)
+    with load(model, **load_kwargs) as m:
+        m._require_moe()
+        result = run_scan(m, bset, cset, tokens=tokens, max_new=max_new, raw=raw, progress=progress,
+                          n_boot=n_boot, seed=seed)
+    doc = report.scan_document(result, top=top, full_hash=full_hash)
+    inputs = [model, behavior, control]
+    report.write_scan(doc, out, inputs=inputs)
+    if heatmap is not None:
+        report.heatmap_png(doc, heatmap, inputs=inputs)
+    if html is not None:
+        report.heatmap_html(doc, html, inputs=inputs)
+    return result
