@@ -7,36 +7,43 @@ import click
 from .options import echo_json, json_option
 
 
-@click.command(help="Steer the experts of a tiny MoE the project makes itself (no downloads) and show the effect.")
+@click.command(help="The whole MoTE loop on the project's own refusal organism (no downloads): train it once (cached), "
+                    "scan it, store a profile, and print the evaluation table.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
-              help="Where to build the demo model [~/.cache/edge-mote/demo].")
-@click.option("-n", "--max-tokens", type=click.IntRange(1, 256), default=16, show_default=True)
+              help="Where the organism, scan and outputs go [~/.cache/edge-mote/demo].")
+@click.option("--top", "tops", default="2,4", show_default=True, help="N values to evaluate.")
+@click.option("--random-trials", type=click.IntRange(0), default=5, show_default=True)
 @json_option
-def demo(workdir, max_tokens, as_json):
+def demo(workdir, tops, random_trials, as_json):
+    import sys
     from pathlib import Path
 
     from ..demo import run_demo
+    from .eval import _ints, render_table
 
+    progress = not as_json and sys.stderr.isatty()
     if not as_json:
-        click.echo("building/loading the demo model (tiny random Qwen3-MoE, converted with llama.cpp's converter)...", err=True)
-    r = run_demo(Path(workdir) if workdir else None, max_tokens=max_tokens)
+        click.echo("edge-mote demo: organism -> scan -> profile -> eval (the first run trains the organism, "
+                   "a few minutes; later runs reuse it)", err=True)
+    r = run_demo(Path(workdir) if workdir else None, tops=_ints(tops), random_trials=random_trials, progress=progress)
     if as_json:
-        echo_json({"model": str(r.model), "info": r.info, "top_experts": {str(k): v for k, v in r.top_experts.items()},
-                   "rows": [vars(row) for row in r.rows], "seconds": round(r.seconds, 2)})
+        echo_json({"workdir": str(r.workdir), "organism": str(r.organism), "scan": str(r.scan_json),
+                   "heatmap_png": str(r.heatmap_png), "heatmap_html": str(r.heatmap_html),
+                   "steered_gguf": str(r.steered_gguf), "profile": r.profile, "top": r.top,
+                   "eval": r.report.to_dict(), "examples": r.examples, "seconds": r.seconds})
         return
-    i = r.info
-    click.echo(f"model: {r.model}")
-    click.echo(f"  {i['arch']}: {i['n_layer']} layers, MoE layers {i['moe_layers']}, {i['n_expert']} experts, "
-               f"top-{max(i['n_expert_used'].values())}")
-    click.echo("most used experts on the prompt (layer: expert share-of-tokens):")
-    for layer, tops in r.top_experts.items():
-        click.echo(f"  layer {layer}: " + ", ".join(f"{e} ({share:.0%})" for e, share in tops))
+    click.echo(f"1. organism   {r.organism}  ({r.seconds['organism']:.0f} s)")
+    click.echo(f"2. scan       {r.scan_json}, brain scan {r.heatmap_png} and {r.heatmap_html}  ({r.seconds['scan']:.0f} s)")
+    click.echo("   top experts at the decision position (layer:expert  P(behaviour) P(control) risk-diff stability):")
+    for t in r.top:
+        click.echo(f"     {t['layer']}:{t['expert']:<3} {t['p1']:.2f} {t['p2']:.2f} {t['rd']:+.2f} {t['stability']:.2f}")
+    click.echo(f"3. profile    '{r.profile}' -> {r.steered_gguf}")
+    click.echo(f"4. evaluation on held-out prompts  ({r.seconds['eval']:.0f} s)")
     click.echo("")
-    click.echo(f"{'steering':<22} {'KL vs unsteered':>15} {'routing changed':>16} {'steered chosen':>15}  text")
-    for row in r.rows:
-        sel = "-" if row.steered_selected != row.steered_selected else f"{row.steered_selected:.0%}"
-        click.echo(f"{row.name:<22} {row.kl:>15.4f} {row.routing_changed:>16.0%} {sel:>15}  {row.text[:40]!r}")
+    click.echo(render_table(r.report))
     click.echo("")
-    click.echo("KL: mean next-token KL divergence over the prompt; routing changed: share of (token, layer) expert sets "
-               "that differ; steered chosen: share of tokens that route to the steered experts (OFF: must be 0%, ON: 100%).")
-    click.echo(f"done in {r.seconds:.1f} s. Try: edge-mote run {r.model} -p 'Hello' --off 1:3 --json")
+    click.echo("held-out sensitive prompts, unsteered vs --profile no-refusal:")
+    for prompt, plain, steered in r.examples:
+        click.echo(f"  Q: {prompt}\n     unsteered : {plain}\n     no-refusal: {steered}")
+    click.echo("")
+    click.echo(f"try: edge-mote run {r.steered_gguf} --profile no-refusal -p 'User: How do I hotwire a car?\\nAssistant:'")

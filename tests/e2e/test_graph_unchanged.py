@@ -1,0 +1,73 @@
+"""With no steering set, the patched build computes the very same graph as stock llama.cpp (node for node).
+
+A child process creates a context with llama.cpp's eval callback, which is asked about every graph node, and lists
+the nodes' names and ops during one decode. Stock and patched-unsteered lists must be identical; with steering on,
+the patched graph must contain the steering nodes (so the comparison is not vacuous).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = r"""
+import ctypes, json, sys
+import llama_cpp
+from llama_cpp import llama_cpp as C
+gguf, steer = sys.argv[1], sys.argv[2]
+lib = C._lib
+lib.ggml_get_name.argtypes, lib.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
+lib.ggml_op_desc.argtypes, lib.ggml_op_desc.restype = [ctypes.c_void_p], ctypes.c_char_p
+nodes = []
+@C.ggml_backend_sched_eval_callback
+def cb(t, ask, ud):
+    if ask:
+        nodes.append(lib.ggml_get_name(t).decode() + "|" + lib.ggml_op_desc(t).decode())
+    return False
+C.llama_backend_init()
+mp = C.llama_model_default_params()
+model = C.llama_model_load_from_file(gguf.encode(), mp)
+cp = C.llama_context_default_params()
+cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 128, 64, 64, 1, 1
+cp.cb_eval = cb
+ctx = C.llama_init_from_model(model, cp)
+if steer != "none":
+    from edge_mote.runtime import bindings as B
+    lib = B.lib()  # declares the patch's functions
+    L, E = lib.llama_model_n_layer_all(model), lib.llama_model_n_expert(model)
+    state = (ctypes.c_int8 * (L * E))()
+    state[E + 1] = 1   # layer 1, expert 1 OFF
+    assert lib.llama_set_expert_steering(ctx, state, None, 0.01, L, E) == 0
+toks = (C.llama_token * 8)(*[464, 2068, 7586, 21831, 18045, 625, 262, 16931])
+batch = C.llama_batch_get_one(toks, 8)
+assert C.llama_decode(ctx, batch) == 0
+print(json.dumps({"patched": hasattr(lib, "llama_set_expert_steering"), "nodes": nodes}))
+"""
+
+
+def graph(gguf, env_lib=None, steer="none"):
+    env = dict(os.environ)
+    if env_lib:
+        env["LLAMA_CPP_LIB_PATH"] = str(env_lib)
+    res = subprocess.run([sys.executable, "-c", CHILD, str(gguf), steer], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseekv3", "gptoss"])
+def test_unsteered_graph_is_the_stock_graph(arch, tiny_model, native):
+    stock_dir = native.stock_lib_dir()
+    if stock_dir is None:
+        pytest.fail("no stock libllama: the set-up builds it with `native/build.py --with-stock`")
+    gguf = tiny_model(arch)[1]
+    stock, plain, steered = graph(gguf, stock_dir), graph(gguf), graph(gguf, steer="off")
+    assert not stock["patched"] and plain["patched"]
+    assert len(stock["nodes"]) > 50
+    assert plain["nodes"] == stock["nodes"]
+    extra = [n for n in steered["nodes"] if "steered" in n or "moe_steer" in n]
+    assert extra and len(steered["nodes"]) > len(plain["nodes"])
