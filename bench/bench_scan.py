@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scan throughput: routing capture in the patched llama.cpp vs plain prompt evaluation vs transformers + hooks.
 
-    .venv/bin/python bench/bench_scan.py [--prompts 48] [--tokens 48] [--rounds 3] [--quick]
+    .venv/bin/python bench/bench_scan.py [--prompts 48] [--tokens 48] [--rounds 3] [--gguf-type q8_0] [--quick]
 
 One process, interleaved rounds, medians. Three ways to get, for every prompt token, the experts each MoE layer
 selected, on the same random Qwen3-MoE (F32 weights in both engines, 2 threads each):
@@ -11,7 +11,8 @@ selected, on the same random Qwen3-MoE (F32 weights in both engines, 2 threads e
 * ``hooks``    -- transformers forward with a forward hook on every router module collecting the top-k ids,
   which is how MoTE/SteerMoE-style profiling is done in PyTorch.
 
-Targets: capture/plain >= 0.9 (throughput ratio), capture/hooks >= 10.
+Targets: capture/plain >= 0.9 (throughput ratio), capture/hooks >= 10. ``--gguf-type q8_0`` quantizes the GGUF with
+the build's llama-quantize (what a user scans and ships); transformers keeps the F32 weights.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ def make_model(quick: bool) -> tuple[Path, Path]:
                            **(QUICK if quick else CONFIG))
         convert_hf_to_gguf(hf, gguf, vendor, outtype="f32")
     return hf, gguf
+
+
+def quantize(gguf: Path, qtype: str) -> Path:
+    import subprocess
+
+    from edge_mote.runtime.native import tool
+
+    out = gguf.with_name(f"model-{qtype}.gguf")
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([str(tool("llama-quantize")), str(gguf), str(tmp), qtype.upper()], check=True,
+                       capture_output=True)
+        tmp.replace(out)
+    return out
 
 
 def prompts(n: int, n_tokens: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -97,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--gguf-type", default="f32", help="f32, or a llama-quantize type such as q8_0 or q4_k_m")
     args = ap.parse_args(argv)
     if args.quick:
         args.prompts, args.tokens, args.rounds = 8, 24, 2
@@ -110,6 +126,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(2)
     hf, gguf = make_model(args.quick)
+    if args.gguf_type.lower() != "f32":
+        gguf = quantize(gguf, args.gguf_type.lower())
     model = edge_mote.load(gguf, n_ctx=max(256, args.tokens + 8), n_threads=2)
     hf_model = load_reference_model(hf)
     routers = router_modules(hf_model)
@@ -132,9 +150,10 @@ def main(argv=None) -> int:
     tps = {k: n_tok / v for k, v in med.items()}
     size = gguf.stat().st_size / 2**20
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    print(f"# command: .venv/bin/python bench/bench_scan.py --gguf-type {args.gguf_type}")
     print(f"# bench_scan: {time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores ({cpu}), 2 threads per engine")
     print(f"# model: random Qwen3-MoE {model.info.n_layer} layers x {model.info.n_expert} experts (top-"
-          f"{max(model.info.n_expert_used.values())}), F32, {size:.0f} MiB; {args.prompts} prompts x {args.tokens} tokens; "
+          f"{max(model.info.n_expert_used.values())}), GGUF {args.gguf_type.upper()} ({size:.0f} MiB) vs transformers F32; {args.prompts} prompts x {args.tokens} tokens; "
           f"{args.rounds} rounds, medians")
     print(f"# expert ids agree (capture vs hooks): {agree:.0%} of (prompt, layer) pairs")
     print("| method | tokens/s | ratio |")
