@@ -61,20 +61,13 @@ def main(argv=None) -> int:
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
-    except UserError as e:
+    except EdgeMoteError as e:  # UserError (bad input): exit 2; other library errors: exit 1
         if debug:
             raise
         click.echo(f"error: {e}", err=True)
         if e.hint:
             click.echo(f"hint: {e.hint}", err=True)
-        return 2
-    except EdgeMoteError as e:
-        if debug:
-            raise
-        click.echo(f"error: {e}", err=True)
-        if e.hint:
-            click.echo(f"hint: {e.hint}", err=True)
-        return 1
+        return 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
