@@ -15,7 +15,7 @@ def kl_divergence(p_logprobs: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
     """KL(p || q) per row, p given as log-probabilities (the reference), q as logits."""
     lq = log_softmax(q_logits)
     p = np.exp(p_logprobs)
-    return (p * (p_logprobs - lq)).sum(axis=-1)
+    return np.maximum((p * (p_logprobs - lq)).sum(axis=-1), 0.0)  # >= 0 (float rounding gives -1e-9)
 
 
 def answer_nll(logits: np.ndarray, n_prompt: int, answer_tokens: list[int]) -> tuple[float, int]:
