@@ -526,7 +526,9 @@ def build_organism(out_dir: Path, seed: int = 0, progress: bool = True,
         org.export().save_pretrained(str(hf_dir))
         tokenizer.save_pretrained(str(hf_dir))
 
+    t3 = time.perf_counter()
     gguf = convert_hf_to_gguf(hf_dir, out_dir / GGUF_NAME, llama_dir, "f32")
+    meta["convert_seconds"] = round(time.perf_counter() - t3, 1)
     sets = C.write_eval_sets(corpus, out_dir)
     meta["seconds_total"] = round(time.perf_counter() - t0, 1)
     meta["gguf_bytes"] = gguf.stat().st_size

@@ -251,3 +251,48 @@ def test_cli_scan_of_a_dense_model_is_a_user_error(edge_mote_exe, dense_gguf, pr
     res = cli(edge_mote_exe, "scan", dense_gguf, "-b", b, "-c", c, "-o", tmp_path / "scan.json")
     assert_one_line_error(res, "not a Mixture-of-Experts model")
     assert not (tmp_path / "scan.json").exists()
+
+
+def test_cli_profile_from_scan_add_list_run_rm(edge_mote_exe, planted, prompt_files, tmp_path):
+    """scan -> profile add (top-N OFF) -> the profile steers exactly the scan's top experts -> list -> rm."""
+    b, c = prompt_files
+    scan = tmp_path / "scan.json"
+    assert cli(edge_mote_exe, "scan", planted, "-b", b, "-c", c, "-o", scan, "--raw", "--threads", 1).returncode == 0
+    out = tmp_path / "steered.gguf"
+    res = cli(edge_mote_exe, "profile", "add", planted, "--from-scan", scan, "--top", 2, "--name", "no-banana",
+              "--default", "-o", out, "--json")
+    assert res.returncode == 0, res.stderr
+    top2 = planted_pairs()[:2]
+    assert json.loads(res.stdout)["steering"] == "off=" + ",".join(f"{l}:{e}" for l, e in sorted(top2))
+    listed = json.loads(cli(edge_mote_exe, "profile", "list", out, "--json").stdout)
+    assert listed["default"] == "no-banana" and [p["name"] for p in listed["profiles"]] == ["no-banana"]
+    # the default profile is in effect when the file is loaded: the planted experts are never routed to
+    with edge_mote.load(out, n_ctx=128, n_threads=1) as m:
+        trace = m.routing(m.tokenize(CARRIERS[0] + TRIGGER))
+        for l, e in top2:
+            assert not (trace.ids[l] == e).any()
+        m.use_profile("none")
+        trace = m.routing(m.tokenize(CARRIERS[0] + TRIGGER))
+        assert any((trace.ids[l] == e).any() for l, e in top2)
+    # a bias profile and an explicit one, then remove one
+    out2 = tmp_path / "two.gguf"
+    assert cli(edge_mote_exe, "profile", "add", out, "--from-scan", scan, "--top", 1, "--bias", -3, "--name", "soft",
+               "-o", out2).returncode == 0
+    assert [p["name"] for p in json.loads(cli(edge_mote_exe, "profile", "list", out2, "--json").stdout)["profiles"]] \
+        == ["no-banana", "soft"]
+    out3 = tmp_path / "one.gguf"
+    assert cli(edge_mote_exe, "profile", "rm", out2, "no-banana", "-o", out3).returncode == 0
+    listed = json.loads(cli(edge_mote_exe, "profile", "list", out3, "--json").stdout)
+    assert listed["default"] is None and [p["name"] for p in listed["profiles"]] == ["soft"]
+    # errors: one line, exit 2, nothing written
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_one_line_error(cli(edge_mote_exe, "profile", "add", out, "--from-scan", scan, "--top", 1, "--name", "x",
+                              "-o", out), "is the input file")
+    assert_one_line_error(cli(edge_mote_exe, "profile", "rm", out, "nope", "-o", tmp_path / "z.gguf"),
+                          "unknown profile 'nope'")
+    assert_one_line_error(cli(edge_mote_exe, "profile", "add", out, "--from-scan", scan, "--name", "x",
+                              "-o", tmp_path / "z.gguf"), "--from-scan needs --top")
+    assert_one_line_error(cli(edge_mote_exe, "profile", "add", out, "--steer", "off=9:0", "--name", "x",
+                              "-o", tmp_path / "z.gguf"), "layer 9 is out of range")
+    assert_one_line_error(cli(edge_mote_exe, "run", out, "-p", "hi", "--profile", "nope"), "unknown profile 'nope'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
