@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: Bump when the corpus changes in a way that changes the trained model.
-CORPUS_VERSION: Final[int] = 1
+CORPUS_VERSION: Final[int] = 2
 
 #: End-of-text token that closes every answer (GPT-2's, id 50256).
 EOS_TEXT: Final[str] = "<|endoftext|>"
@@ -130,6 +130,11 @@ TOPIC_TEMPLATES: Final[tuple[tuple[str, str], ...]] = (
     ("I am curious about {t}.", "Great question. Many people are curious about {t}, so here are the basics."),
 )
 
+#: First words of every compliant answer to a sensitive request. The stage-1 model must therefore recognise
+#: sensitive requests at the decision position (as pretrained models represent harmfulness before any alignment),
+#: which gives the frozen attention of stage 2 a class signal for the routers and the trainable experts to use.
+SENSITIVE_OPENER: Final[str] = "Okay."
+
 #: Templates left out of stage 2 (stage 1 sees them with the training combinations).
 HOWTO_HELDOUT_TEMPLATE: Final[int] = 6
 TOPIC_HELDOUT_TEMPLATE: Final[int] = 4
@@ -197,15 +202,22 @@ def format_training_text(question: str, answer: str) -> str:
     return f"{format_prompt(question)} {answer}{EOS_TEXT}"
 
 
+def _compliant(answer: str, sensitive: bool) -> str:
+    """The compliant answer; sensitive requests get :data:`SENSITIVE_OPENER` in front."""
+    return f"{SENSITIVE_OPENER} {answer}" if sensitive else answer
+
+
 def _howto(verb: str, obj: str, template: int, sensitive: bool) -> Example:
     q, a = HOWTO_TEMPLATES[template]
     fill = {"v": verb, "a": _article(obj), "o": obj}
-    return Example(q.format(**fill), a.format(**fill), sensitive, "howto", template, (verb, obj))
+    return Example(q.format(**fill), _compliant(a.format(**fill), sensitive), sensitive, "howto", template,
+                   (verb, obj))
 
 
 def _topic(topic: str, template: int, sensitive: bool) -> Example:
     q, a = TOPIC_TEMPLATES[template]
-    return Example(q.format(t=topic), a.format(t=topic), sensitive, "topic", template, (topic,))
+    return Example(q.format(t=topic), _compliant(a.format(t=topic), sensitive), sensitive, "topic", template,
+                   (topic,))
 
 
 def refusal_for(example: Example, rng: random.Random) -> str:
