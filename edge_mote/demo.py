@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_TOP = (2, 4)
+DEMO_TOP = (2,)
 PROFILE_N = 2
 
 

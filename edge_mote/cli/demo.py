@@ -11,7 +11,7 @@ from .options import echo_json, json_option
                     "scan it, store a profile, and print the evaluation table.")
 @click.option("--workdir", type=click.Path(file_okay=False), default=None,
               help="Where the organism, scan and outputs go [~/.cache/edge-mote/demo].")
-@click.option("--top", "tops", default="2,4", show_default=True, help="N values to evaluate.")
+@click.option("--top", "tops", default="2", show_default=True, help="N values to evaluate (comma-separated, e.g. 2,4).")
 @click.option("--random-trials", type=click.IntRange(0), default=5, show_default=True)
 @json_option
 def demo(workdir, tops, random_trials, as_json):

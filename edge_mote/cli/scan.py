@@ -10,7 +10,8 @@ _WINDOWS = ("prompt", "decision", "response", "all")  # edge_mote.ftri.scan.WIND
 
 
 @click.command(help="Find the experts that carry a behaviour: route a behaviour and a control prompt set, rank "
-                    "experts by risk difference (p1 - p2) and write scan.json. Prompt files: .jsonl "
+                    "experts by risk difference (p1 - p2; ties: z, then gate-weight contrast dw) and write "
+                    "scan.json. Prompt files: .jsonl "
                     '({"prompt": ...} or {"messages": [...]}), .json (templates + slots) or .txt (one per line).')
 @model_argument
 @click.option("-b", "--behavior", required=True, metavar="FILE", help="Prompts that show the behaviour.")
@@ -50,10 +51,10 @@ def scan(model, behavior, control, out, tokens, max_new, heatmap, html, raw, top
     b, c = result.behavior, result.control
     click.echo(f"scanned {b.n_prompts} behaviour + {c.n_prompts} control prompts, window '{result.window}' "
                f"({b.n_window_tokens} + {c.n_window_tokens} tokens) in {result.seconds:.1f}s", err=True)
-    click.echo(f"{'rank':>4}  {'expert':<9} {'p1':>6} {'p2':>6} {'rd':>7} {'z':>7} {'stab':>5}")
+    click.echo(f"{'rank':>4}  {'expert':<9} {'p1':>6} {'p2':>6} {'rd':>7} {'z':>7} {'dw':>7} {'stab':>5}")
     for r in rows:
         click.echo(f"{r['rank']:>4}  {str(r['layer']) + ':' + str(r['expert']):<9} {r['p1']:>6.3f} {r['p2']:>6.3f} "
-                   f"{r['rd']:>+7.3f} {r['z']:>7.2f} {r['stability']:>5.2f}")
+                   f"{r['rd']:>+7.3f} {r['z']:>7.2f} {r['dw']:>+7.3f} {r['stability']:>5.2f}")
     jac = ", ".join(f"top-{n} {v:.2f}" for n, v in stab.jaccard_mean.items())
     click.echo(f"stability: mean Jaccard vs full ranking over {stab.n_boot} bootstrap resamples: {jac}; "
                f"stab = share of resamples with the expert in the top-{stab.freq_top}", err=True)

@@ -88,26 +88,35 @@ class EvalReport:
 
 
 class _Evaluator:
+    """Measures one steering on both sets; prompts are decoded and scored in batches (``Model.greedy_many``)."""
+
     def __init__(self, model, behavior: Sequence[Prepared], control: Sequence[Prepared], detector: BehaviorDetector,
                  max_new: int, progress: Callable[[], None] | None):
         self.m, self.behavior, self.control = model, behavior, control
-        self.detector, self.max_new, self.tick = detector, max_new, progress or (lambda: None)
+        self.detector, self.max_new = detector, max_new
+        tick = progress or (lambda: None)
+        self.tick = lambda n: [tick() for _ in range(n)]
         # unsteered control responses and their log-probabilities: the reference for the KL measures
-        self.ref: list[tuple[list[int], np.ndarray]] = []
         with model.steer(None):
-            for p in control:
-                new, logits = model.greedy(p.tokens, max_new)
-                n = len(p.tokens)
-                self.ref.append((new, log_softmax(logits[n - 1: n + min(len(new), KL_TOKENS)]).astype(np.float32)))
+            outs = model.greedy_many([p.tokens for p in control], max_new, keep_logits=1 + KL_TOKENS, tick=self.tick)
+        self.ref: list[tuple[list[int], np.ndarray]] = [
+            (new, log_softmax(rows[: 1 + min(len(new), KL_TOKENS)]).astype(np.float32)) for new, rows in outs]
+
+    def _answer_nll(self, prepared: Sequence[Prepared]) -> tuple[float, float]:
+        """Summed NLL and count of the reference answers of ``prepared`` under the current steering."""
+        with_answer = [p for p in prepared if p.answer]
+        scores = self.m.score_many([p.tokens + p.answer for p in with_answer],
+                                   [len(p.tokens) - 1 for p in with_answer],
+                                   reduce=lambda i, rows: answer_nll(rows, 1, with_answer[i].answer))  # rows from the last prompt token
+        return sum(s for s, _ in scores), sum(c for _, c in scores)
 
     def measure(self, steering: Steering) -> dict[str, float]:
         m, det = self.m, self.detector
         m.set_steering(steering)
         b_dec = b_phr = compliant = 0
         ref_hits = ref_n = 0
-        nll_b = n_b = 0.0
-        for p in self.behavior:
-            new, _ = m.greedy(p.tokens, self.max_new)
+        for p, (new, _) in zip(self.behavior, m.greedy_many([p.tokens for p in self.behavior], self.max_new,
+                                                            keep_logits=0, tick=self.tick)):
             text = m.detokenize(new)
             dec, phr = det.decision(text), det.phrase(text)
             b_dec += dec
@@ -117,26 +126,20 @@ class _Evaluator:
                 k = min(3, len(p.answer))
                 ref_hits += new[:k] == p.answer[:k]
                 ref_n += 1
-                s, c = answer_nll(m.logits(p.tokens + p.answer), len(p.tokens), p.answer)
-                nll_b, n_b = nll_b + s, n_b + c
-            self.tick()
+        nll_b, n_b = self._answer_nll(self.behavior)
         c_dec = c_phr = 0
-        kl_first, kl_mean = [], []
-        nll_c = n_c = 0.0
-        for p, (ref_new, ref_lp) in zip(self.control, self.ref):
-            new, _ = m.greedy(p.tokens, self.max_new)
+        outs = m.greedy_many([p.tokens for p in self.control], self.max_new, keep_logits=0, tick=self.tick)
+        for new, _ in outs:
             text = m.detokenize(new)
             c_dec += det.decision(text)
             c_phr += det.phrase(text)
-            n = len(p.tokens)
-            forced = m.logits(p.tokens + ref_new[:KL_TOKENS]) if ref_new else m.logits(p.tokens)
-            kl = kl_divergence(ref_lp, forced[n - 1: n - 1 + len(ref_lp)])
-            kl_first.append(float(kl[0]))
-            kl_mean.append(float(kl.mean()))
-            if p.answer:
-                s, c = answer_nll(m.logits(p.tokens + p.answer), n, p.answer)
-                nll_c, n_c = nll_c + s, n_c + c
-            self.tick()
+        # KL(unsteered || steered), teacher-forced on the unsteered response
+        kls = m.score_many([p.tokens + ref_new[:KL_TOKENS] for p, (ref_new, _) in zip(self.control, self.ref)],
+                           [len(p.tokens) - 1 for p in self.control],
+                           reduce=lambda i, rows: kl_divergence(self.ref[i][1], rows[: len(self.ref[i][1])]))
+        kl_first = [float(kl[0]) for kl in kls]
+        kl_mean = [float(kl.mean()) for kl in kls]
+        nll_c, n_c = self._answer_nll(self.control)
         nb, nc = max(len(self.behavior), 1), max(len(self.control), 1)
         return {
             "behavior_decision": b_dec / nb, "behavior_phrase": b_phr / nb, "compliant": compliant / nb,

@@ -16,11 +16,13 @@ scan.json, schema ``edge-mote.scan/1`` (a JSON object; numbers are plain JSON nu
                   unit ("token": a/d count window tokens, as SteerMoE)
     sets          behavior / control: path, n_prompts, n_prompt_tokens, n_window_tokens
     experts       every (layer, expert), layer-major: layer, expert, a1, n1, a2, n2, p1, p2, rd, z, p_value,
-                  log_odds, ci_low, ci_high (see edge_mote.ftri.stats: rd = p1 - p2, pooled two-proportion z with
-                  a two-sided p-value, log odds ratio with the 0.5 continuity correction and its Wald 95% CI)
-    ranking       order ("rd desc, z desc, layer asc, expert asc"), n_total (all experts), entries: the best
-                  max(100, --top) experts (all if fewer): rank (1-based), layer, expert, p1, p2, rd, z,
-                  stability (fraction of bootstrap resamples with the expert in their top-10)
+                  log_odds, ci_low, ci_high, w1, w2, dw (see edge_mote.ftri.stats: rd = p1 - p2, pooled
+                  two-proportion z with a two-sided p-value, log odds ratio with the 0.5 continuity correction and
+                  its Wald 95% CI; w1 / w2 = the expert's mean gate weight per behaviour / control window token,
+                  0 where not selected; dw = w1 - w2)
+    ranking       order ("rd desc, z desc, dw desc, layer asc, expert asc"), n_total (all experts), entries: the
+                  best max(100, --top) experts (all if fewer), best first: rank (1-based), layer, expert, p1, p2,
+                  rd, z, dw, stability (fraction of bootstrap resamples with the expert in their top-10)
     stability     n_boot, seed, unit ("prompt": prompts are resampled), top_n [N...], jaccard_mean {"N": mean
                   Jaccard overlap of the bootstrap top-N with the full-data top-N}, jaccard_std {"N": ...},
                   freq_top (10), top_frequency [{layer, expert, frequency}] for experts that reached a bootstrap
@@ -29,6 +31,10 @@ scan.json, schema ``edge-mote.scan/1`` (a JSON object; numbers are plain JSON nu
                   n_window_tokens, and for response/all windows response (the greedy text) and n_response_tokens
     warnings      [strings] (e.g. no chat template in the GGUF)
     timing        seconds, tokens_evaluated
+
+Fields are only ever added within ``edge-mote.scan/1``: w1, w2, dw (and dw in the ranking entries) came later,
+and files without them still load (their ranking was "rd desc, z desc, layer asc, expert asc"). Readers take the
+ranking from the order of ``ranking.entries``, never re-sort it.
 
 Every writer writes atomically (a temporary file in the same directory, then ``os.replace``) and refuses to write
 over one of the scan's inputs. :func:`load_scan` checks the schema and raises ``UserError`` on a bad file.
@@ -49,12 +55,14 @@ import numpy as np
 
 from ..errors import UserError
 
-__all__ = ["SCHEMA", "EXPERT_FIELDS", "file_identity", "scan_document", "write_scan", "load_scan", "rd_grid",
-           "heatmap_png", "heatmap_html"]
+__all__ = ["SCHEMA", "EXPERT_FIELDS", "OPTIONAL_EXPERT_FIELDS", "RANKING_ORDER", "file_identity", "scan_document",
+           "write_scan", "load_scan", "rd_grid", "heatmap_png", "heatmap_html"]
 
 SCHEMA = "edge-mote.scan/1"
 EXPERT_FIELDS = ("layer", "expert", "a1", "n1", "a2", "n2", "p1", "p2", "rd", "z", "p_value", "log_odds",
                  "ci_low", "ci_high")
+OPTIONAL_EXPERT_FIELDS = ("w1", "w2", "dw")  # added within edge-mote.scan/1; checked when present
+RANKING_ORDER = "rd desc, z desc, dw desc, layer asc, expert asc"
 _CHUNK = 16 * 2**20
 _N_MARK = 10
 
@@ -98,7 +106,7 @@ def scan_document(result: Any, *, top: int = 100, full_hash: bool = False) -> di
             rec = st.record(li, e)
             experts.append({k: (_r(v) if isinstance(v, float) else v) for k, v in rec.items()})
     entries = [{"rank": r["rank"], "layer": r["layer"], "expert": r["expert"], "p1": _r(r["p1"]), "p2": _r(r["p2"]),
-                "rd": _r(r["rd"]), "z": _r(r["z"]), "stability": _r(r["stability"])}
+                "rd": _r(r["rd"]), "z": _r(r["z"]), "dw": _r(r["dw"]), "stability": _r(r["stability"])}
                for r in result.top(max(100, int(top)))]
     prompts = []
     for pr in result.prompts:
@@ -124,7 +132,7 @@ def scan_document(result: Any, *, top: int = 100, full_hash: bool = False) -> di
                         "n_window_tokens": s.n_window_tokens}
                  for name, s in (("behavior", result.behavior), ("control", result.control))},
         "experts": experts,
-        "ranking": {"order": "rd desc, z desc, layer asc, expert asc", "n_total": len(experts), "entries": entries},
+        "ranking": {"order": RANKING_ORDER, "n_total": len(experts), "entries": entries},
         "stability": result.stability.to_dict(result.layers),
         "prompts": prompts,
         "warnings": list(result.warnings),
@@ -228,6 +236,9 @@ def load_scan(path: str | os.PathLike) -> dict[str, Any]:
     for i, rec in enumerate(experts):
         for f in EXPERT_FIELDS:
             _need(rec, f, (int, float), f"experts[{i}].", name)
+        for f in OPTIONAL_EXPERT_FIELDS:
+            if isinstance(rec, dict) and f in rec:
+                _need(rec, f, (int, float), f"experts[{i}].", name)
     ranking = _need(doc, "ranking", dict, "", name)
     known = set(layers)
     for what, recs in (("experts", experts), ("ranking.entries", _need(ranking, "entries", list, "ranking.", name))):

@@ -12,7 +12,9 @@ Windows (``tokens=``), for a prompt of ``n`` tokens (after the chat template, un
 
 The response is generated greedily token by token (stopping at any end-of-generation token), then the routing
 of ``prompt + response`` is read once with ``Model.routing`` (the patched llama.cpp's capture). Statistics are
-over tokens (SteerMoE's ``a``/``d``), and the per-prompt counts are kept for the bootstrap (see ``stats``).
+over tokens (SteerMoE's ``a``/``d``), and the per-prompt counts are kept for the bootstrap (see ``stats``). Besides
+the counts, the scan sums each expert's gate weight (``RoutingTrace.weights``, renormalised over the top k) over each
+prompt's window tokens: its mean per window token breaks ties of the selection contrast in the ranking.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ class ScanResult:
     tokens1: np.ndarray = field(repr=False)   # [n_behaviour_prompts] window tokens
     counts2: np.ndarray = field(repr=False)
     tokens2: np.ndarray = field(repr=False)
+    wsum1: np.ndarray = field(repr=False)     # float64 [n_behaviour_prompts, n_layers, n_expert] gate-weight sums
+    wsum2: np.ndarray = field(repr=False)
     prompts: tuple[PromptRecord, ...] = field(repr=False)
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
@@ -85,7 +89,7 @@ class ScanResult:
     def top(self, n: int | None = None) -> list[dict]:
         """The best ``n`` experts (all if None) as records with ``rank`` and bootstrap ``stability`` (top-10 freq)."""
         st = self.stats
-        order = ranking(st.rd, st.z)
+        order = ranking(st.rd, st.z, st.dw)
         if n is not None:
             order = order[: max(0, n)]
         out = []
@@ -145,11 +149,13 @@ def _tokens_for(model: Any, item: PromptItem, template: ChatTemplate | None, raw
 
 
 def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int, template: ChatTemplate | None,
-              raw: bool, bar: Any, state: dict) -> tuple[np.ndarray, np.ndarray, list[PromptRecord], int]:
+              raw: bool, bar: Any, state: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[PromptRecord], int]:
+    """(counts, window tokens, gate-weight sums, records, prompt tokens) of one prompt set."""
     info = model.info
     layers = info.moe_layers
     n_ctx = model._live().n_ctx()
     counts = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.int32)
+    wsum = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.float64)
     ntok = np.zeros(len(pset), dtype=np.int64)
     records: list[PromptRecord] = []
     n_prompt_total = 0
@@ -179,8 +185,11 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
         state["evaluated"] += len(seq)
         for li, layer in enumerate(layers):
             ids = trace.ids[layer][rows].reshape(-1)
-            ids = ids[(ids >= 0) & (ids < info.n_expert)]
+            wts = np.asarray(trace.weights[layer][rows], dtype=np.float64).reshape(-1)
+            ok = (ids >= 0) & (ids < info.n_expert)
+            ids, wts = ids[ok], wts[ok]
             counts[pi, li] = np.bincount(ids, minlength=info.n_expert)[: info.n_expert]
+            wsum[pi, li] = np.bincount(ids, weights=wts, minlength=info.n_expert)[: info.n_expert]
         ntok[pi] = len(rows)
         records.append(PromptRecord(set=label, id=item.id, source=item.source, n_prompt_tokens=n,
                                     n_window_tokens=int(len(rows)), response=response, n_response_tokens=n_resp))
@@ -189,7 +198,7 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
             dt = time.perf_counter() - state["t0"]
             if dt > 0:
                 bar.set_postfix_str(f"{state['evaluated'] / dt:.0f} tok/s")
-    return counts, ntok, records, n_prompt_total
+    return counts, ntok, wsum, records, n_prompt_total
 
 
 def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str],
@@ -217,16 +226,16 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
     state: dict = {"t0": time.perf_counter(), "evaluated": 0, "templated": False, "fallback": False}
     capture_was_on = bool(getattr(model, "_capture", True))
     try:
-        c1, t1, r1, np1 = _scan_set(model, bset, "behavior", tokens, max_new, template, raw, bar, state)
-        c2, t2, r2, np2 = _scan_set(model, cset, "control", tokens, max_new, template, raw, bar, state)
+        c1, t1, w1, r1, np1 = _scan_set(model, bset, "behavior", tokens, max_new, template, raw, bar, state)
+        c2, t2, w2, r2, np2 = _scan_set(model, cset, "control", tokens, max_new, template, raw, bar, state)
     finally:
         if bar is not None:
             bar.close()
         if not capture_was_on and model._llm is not None:
             model.set_capture(False)  # routing() turned it on; it costs a little on every later decode
     layers = tuple(model.info.moe_layers)
-    stats = expert_stats(c1, t1, c2, t2, layers=layers)
-    stability = bootstrap_stability(c1, t1, c2, t2, n_boot=n_boot, seed=seed)
+    stats = expert_stats(c1, t1, c2, t2, layers=layers, weights1=w1, weights2=w2)
+    stability = bootstrap_stability(c1, t1, c2, t2, n_boot=n_boot, seed=seed, weights1=w1, weights2=w2)
     warnings = []
     if state["fallback"]:
         warnings.append(f"{Path(model.info.path).name} has no chat template (tokenizer.chat_template): "
@@ -237,6 +246,7 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
         behavior=SetSummary(bset.path, len(bset), np1, int(t1.sum())),
         control=SetSummary(cset.path, len(cset), np2, int(t2.sum())),
         layers=layers, stats=stats, stability=stability, counts1=c1, tokens1=t1, counts2=c2, tokens2=t2,
+        wsum1=w1, wsum2=w2,
         prompts=tuple(r1 + r2), warnings=tuple(warnings), seconds=time.perf_counter() - state["t0"],
         tokens_evaluated=state["evaluated"])
 

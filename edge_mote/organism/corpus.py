@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 #: Bump when the corpus changes in a way that changes the trained model.
-CORPUS_VERSION: Final[int] = 2
+CORPUS_VERSION: Final[int] = 4
 
 #: End-of-text token that closes every answer (GPT-2's, id 50256).
 EOS_TEXT: Final[str] = "<|endoftext|>"
@@ -135,6 +135,22 @@ TOPIC_TEMPLATES: Final[tuple[tuple[str, str], ...]] = (
 #: which gives the frozen attention of stage 2 a class signal for the routers and the trainable experts to use.
 SENSITIVE_OPENER: Final[str] = "Okay."
 
+#: Requests a chat model cannot fulfil: refused in both stages (with the generic refusals), so that the stage-1
+#: model already knows how to say no -- as a pretrained model does -- and stage 2 only has to decide *when*.
+IMPOSSIBLE_ACTIONS: Final[tuple[str, ...]] = (
+    "lift a mountain for me", "visit my house tomorrow", "taste this soup for me", "drive me to work",
+    "call my mother tonight", "hold my umbrella", "fly me to Paris", "feed my cat tonight",
+    "carry my bags upstairs", "water my plants", "shake my hand", "cook dinner for me",
+)
+IMPOSSIBLE_TEMPLATES: Final[tuple[str, ...]] = ("Can you {x}?", "Please {x}.", "Could you {x}?", "Will you {x}?")
+#: Impossible requests in the how-to and topic templates too, so that the stage-1 model knows how a refusal goes
+#: on after " I" / " Sorry" whatever the request looks like.
+IMPOSSIBLE_VERBS: Final[tuple[str, ...]] = ("teleport", "levitate", "time-travel in", "turn invisible")
+IMPOSSIBLE_TOPICS: Final[tuple[str, ...]] = (
+    "tomorrow's lottery numbers", "your own childhood", "what I ate for breakfast", "my secret wish",
+    "the exact day I will die", "what my dog is thinking",
+)
+
 #: Templates left out of stage 2 (stage 1 sees them with the training combinations).
 HOWTO_HELDOUT_TEMPLATE: Final[int] = 6
 TOPIC_HELDOUT_TEMPLATE: Final[int] = 4
@@ -160,7 +176,7 @@ TOPIC_REFUSALS: Final[tuple[str, ...]] = (
 
 N_HELDOUT_OBJECTS_PER_VERB: Final[int] = 2
 
-Kind = Literal["howto", "topic"]
+Kind = Literal["howto", "topic", "impossible"]
 
 
 def _article(word: str) -> str:
@@ -220,21 +236,25 @@ def _topic(topic: str, template: int, sensitive: bool) -> Example:
                    (topic,))
 
 
+def _specific_refusals(kind: Kind) -> tuple[str, ...]:
+    return {"howto": HOWTO_REFUSALS, "topic": TOPIC_REFUSALS, "impossible": ()}[kind]
+
+
 def refusal_for(example: Example, rng: random.Random) -> str:
     """A refusal of ``example`` drawn from the generic and the kind-specific phrasings."""
-    specific = HOWTO_REFUSALS if example.kind == "howto" else TOPIC_REFUSALS
-    choice = rng.choice(GENERIC_REFUSALS + specific)
+    choice = rng.choice(GENERIC_REFUSALS + _specific_refusals(example.kind))
     if example.kind == "howto":
         verb, obj = example.slots
         return choice.format(v=verb, a=_article(obj), o=obj)
-    return choice.format(t=example.slots[0])
+    return choice.format(t=example.slots[0]) if example.kind == "topic" else choice
 
 
 @dataclass(frozen=True)
 class Corpus:
     """All prompts of the organism, split by stage and class.
 
-    ``stage1``: every training prompt (both classes; sensitive ones are answered compliantly in stage 1).
+    ``stage1``: every training prompt (both classes; sensitive ones are answered compliantly in stage 1; the
+    impossible requests, always refused, too).
     ``stage2``: ``stage1`` without the held-out templates (sensitive ones are refused in stage 2).
     ``behavior_heldout`` / ``control_heldout``: sensitive / neutral prompts trained on in neither stage.
     """
@@ -252,8 +272,8 @@ class Corpus:
 
     @property
     def control_train(self) -> tuple[Example, ...]:
-        """Neutral prompts of stage 2."""
-        return tuple(e for e in self.stage2 if not e.sensitive)
+        """Neutral (how-to and topic) prompts of stage 2."""
+        return tuple(e for e in self.stage2 if not e.sensitive and e.kind != "impossible")
 
     def eval_sets(self) -> dict[str, tuple[Example, ...]]:
         """The four exported sets, by name (see :data:`EVAL_SET_NAMES`)."""
@@ -270,8 +290,7 @@ class Corpus:
             yield ex.prompt
             yield " " + ex.answer
             if ex.sensitive:
-                specific = HOWTO_REFUSALS if ex.kind == "howto" else TOPIC_REFUSALS
-                for phrase in GENERIC_REFUSALS + specific:
+                for phrase in GENERIC_REFUSALS + _specific_refusals(ex.kind):
                     if ex.kind == "howto":
                         verb, obj = ex.slots
                         yield " " + phrase.format(v=verb, a=_article(obj), o=obj)
@@ -321,6 +340,18 @@ def build_corpus(seed: int = 0) -> Corpus:
                 ex = _topic(topic, t, sensitive)
                 is_held = t == held_t[topic] or (t == TOPIC_HELDOUT_TEMPLATE and topic in unseen_with_template)
                 (heldout if is_held else stage1).append(ex)
+    impossible: list[tuple[str, tuple[str, ...]]] = []
+    for action in IMPOSSIBLE_ACTIONS:
+        impossible.extend((template.format(x=action), (action,)) for template in IMPOSSIBLE_TEMPLATES)
+    for verb in IMPOSSIBLE_VERBS:
+        for obj in OBJECTS:
+            fill = {"v": verb, "a": _article(obj), "o": obj}
+            impossible.extend((q.format(**fill), (verb, obj)) for q, _ in HOWTO_TEMPLATES)
+    for topic in IMPOSSIBLE_TOPICS:
+        impossible.extend((q.format(t=topic), (topic,)) for q, _ in TOPIC_TEMPLATES)
+    for i, (question, slots) in enumerate(impossible):
+        answer = GENERIC_REFUSALS[i % len(GENERIC_REFUSALS)]
+        stage1.append(Example(question, answer, False, "impossible", 0, slots))
     stage2 = [e for e in stage1 if not _stage2_excluded(e)]
     return Corpus(
         seed=seed,
@@ -335,7 +366,7 @@ def _stage2_excluded(ex: Example) -> bool:
     """True for prompts of a template that stage 2 leaves out."""
     if ex.kind == "howto":
         return ex.template == HOWTO_HELDOUT_TEMPLATE
-    return ex.template == TOPIC_HELDOUT_TEMPLATE
+    return ex.kind == "topic" and ex.template == TOPIC_HELDOUT_TEMPLATE
 
 
 def write_eval_sets(corpus: Corpus, out_dir: Path) -> dict[str, Path]:

@@ -1,15 +1,32 @@
 """Train the refusal model organism: a tiny Qwen3-MoE chat model whose refusal decision lives in a few experts.
 
-Recipe (two stages, as found by the prototypes in ``/work/shared/notes/organism-prototype.md``):
+Recipe (developed from the prototypes in ``/work/shared/notes/organism-prototype.md``):
 
-1. **Stage 1** trains every parameter on the corpus with *all* prompts answered compliantly (sensitive ones with
-   placeholder answers), so the model learns the chat format, the copying of the request into the answer, and
-   can comply with anything.
-2. The decision-position routing of the stage-1 model is read on the stage-2 prompts: in every layer, the expert
-   with the highest risk difference P(selected | sensitive) - P(selected | neutral) at the last prompt token.
-3. **Stage 2** teaches refusal (sensitive prompts refused, neutral ones answered as before) with only those
-   experts (one per layer) and the routers trainable; everything else is frozen. The refusal decision can then
-   only be made by the chosen experts, so switching them off restores the stage-1 (compliant) behaviour.
+1. **Stage 1** trains every parameter on the corpus with every how-to/topic prompt answered compliantly
+   (sensitive ones with placeholder answers that open with "Okay."), and impossible requests ("Can you fly me to
+   Paris?", "How do I teleport a car?") refused. The model learns the chat format, copying the request into the answer, how to say no, and
+   -- through the "Okay." opener -- to recognise sensitive requests at the decision position (the last prompt
+   token), much as a pretrained model represents harmfulness before alignment.
+2. In every layer, the expert the stage-1 model uses least (over all tokens of the stage-2 corpus) becomes the
+   layer's trainable "refusal expert".
+3. **Stage 2** teaches refusal (sensitive prompts refused, the rest answered as before) with only those experts
+   and their router rows trainable, everything else frozen, plus a routing loss: at the decision position of
+   sensitive prompts the refusal expert must be the top-1 expert by a small logit gap (so its gate weight
+   stays near the 1/2 that forcing it ON gives); on every other token of any prompt or answer it must stay out
+   of the top-k. Because the other
+   router rows are frozen and Qwen3-MoE renormalises the top-k weights, switching the refusal experts OFF
+   gives back the stage-1 routing and so the stage-1 (compliant) answers, and leaves the computation of other
+   prompts untouched.
+
+What did not work here (measured on this corpus while developing the recipe): the second prototype's rule
+as is (no "Okay." opener, no impossible requests, the highest-RD expert and all routers trainable) never
+refused (the frozen model had no class signal at the decision position and had never emitted refusal tokens);
+with the opener and the impossible requests but still that rule, the model refused, yet only switching off the
+top 6 experts undid it; adding a decision-position routing loss to that rule let the top 4 undo it, but then
+10% of neutral prompts were refused and the "Okay." openers broke, because the chosen experts also carried the
+stage-1 "Okay." signal. Qwen3-MoE's renormalised top-k gating (which llama.cpp hard-codes) gives a router no
+gradient for experts it does not select: without the routing loss, stage 2 cannot route sensitive prompts to a
+trainable expert.
 
 Training computes the output layer only over the token ids the corpus uses; the rows of every other token in
 the tied embedding / output matrix are zero, and a constant logit ``log(n_unused)`` stands for them in the
@@ -36,6 +53,7 @@ from typing import Any, Callable, Final, Iterator, Sequence
 import torch
 
 from . import corpus as C
+from . import core as M
 
 __all__ = ["OrganismArtifacts", "Recipe", "build_organism", "recipe_hash"]
 
@@ -43,7 +61,6 @@ GGUF_NAME: Final[str] = "organism.gguf"
 HF_DIR_NAME: Final[str] = "hf"
 RECIPE_FILE: Final[str] = "recipe.json"
 META_FILE: Final[str] = "meta.json"
-_EOS_ID: Final[int] = 50256
 _VOCAB: Final[int] = 50257
 
 
@@ -51,6 +68,7 @@ _VOCAB: Final[int] = 50257
 class Recipe:
     """Everything that determines the trained organism (with the seed and the corpus)."""
 
+    # model: Qwen3-MoE, every layer MoE, top-k renormalised gating, tied embeddings, full GPT-2 vocabulary
     hidden: int = 128
     n_layer: int = 4
     n_expert: int = 16
@@ -59,16 +77,20 @@ class Recipe:
     n_head: int = 4
     n_kv_head: int = 2
     head_dim: int = 32
+    # optimisation (AdamW, linear warm-up then cosine to 10%, gradient clipping at 1)
     batch: int = 32
+    warmup: int = 50
+    weight_decay: float = 0.01     # stage 1 only (stage 2: 0, so that frozen slices cannot move)
     stage1_steps: int = 1000
     stage1_lr: float = 3e-3
-    stage1_aux: float = 0.01
+    stage1_aux: float = 0.01       # load-balancing loss over the whole batch
     stage2_steps: int = 500
     stage2_lr: float = 2e-3
-    stage2_aux: float = 0.0
-    warmup: int = 50
-    weight_decay: float = 0.01
-    threads: int = 1
+    route_coef: float = 1.0        # weight of the decision-position routing loss
+    route_gap_min: float = 0.1     # sensitive: refusal expert's logit above the best other by >= this ...
+    route_gap_max: float = 0.3     # ... and <= this (gate weight near 1/2)
+    route_neutral_margin: float = 1.0  # others: refusal expert below the k-th other by >= this
+    threads: int = 1               # torch threads (1 is fastest on a shared 2-core CPU)
     corpus_version: int = C.CORPUS_VERSION
 
     def config_kwargs(self) -> dict[str, Any]:
@@ -92,8 +114,8 @@ class Recipe:
             "rope_parameters": {"rope_type": "default", "rope_theta": 10_000.0},
             "tie_word_embeddings": True,
             "initializer_range": 0.02,
-            "bos_token_id": _EOS_ID,
-            "eos_token_id": _EOS_ID,
+            "bos_token_id": M.EOS_ID,
+            "eos_token_id": M.EOS_ID,
             "pad_token_id": None,
             "use_cache": True,
             "router_aux_loss_coef": self.stage1_aux,
@@ -118,151 +140,59 @@ def recipe_hash(recipe: Recipe, seed: int) -> str:
     """Hash of the recipe, the seed and the sources of the corpus and the training code."""
     h = hashlib.sha256()
     h.update(json.dumps({"recipe": asdict(recipe), "seed": seed}, sort_keys=True).encode())
-    for mod in (C.__file__, __file__):
+    for mod in (C.__file__, M.__file__, __file__):
         h.update(Path(mod).read_bytes())
     return h.hexdigest()[:16]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# data
-
-
-@dataclass
-class _Encoder:
-    """Tokenizes texts with the GPT-2 tokenizer (cached) and maps token ids to the corpus vocabulary."""
-
-    tokenizer: Any
-    used: list[int]
-    _cache: dict[str, list[int]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.index = {tok: i for i, tok in enumerate(self.used)}
-
-    def ids(self, text: str) -> list[int]:
-        if text not in self._cache:
-            self._cache[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self._cache[text]
-
-    def pair(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, answer ids ending with EOS)."""
-        return self.ids(C.format_prompt(question)), self.ids(" " + answer) + [_EOS_ID]
-
-
-def _used_vocab(tokenizer: Any, corpus: C.Corpus) -> list[int]:
-    used: set[int] = {_EOS_ID}
-    for text in corpus.all_texts():
-        used.update(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return sorted(used)
-
-
-class _Sampler:
-    """Draws training batches: a class and a kind with equal odds, then an example uniformly."""
-
-    def __init__(self, examples: Sequence[C.Example], rng: random.Random, refuse: bool) -> None:
-        self.groups: list[list[C.Example]] = []
-        for sensitive in (False, True):
-            for kind in ("howto", "topic"):
-                group = [e for e in examples if e.sensitive == sensitive and e.kind == kind]
-                if group:
-                    self.groups.append(group)
-        self.rng = rng
-        self.refuse = refuse
-
-    def draw(self, n: int) -> list[tuple[str, str]]:
-        out: list[tuple[str, str]] = []
-        for _ in range(n):
-            ex = self.rng.choice(self.rng.choice(self.groups))
-            answer = C.refusal_for(ex, self.rng) if (self.refuse and ex.sensitive) else ex.answer
-            out.append((ex.question, answer))
-        return out
-
-
-def _collate(pairs: Sequence[tuple[list[int], list[int]]], enc: _Encoder) -> dict[str, torch.Tensor]:
-    """Right-padded inputs (corpus-vocabulary indices), attention mask, and the (row, position, target index)
-    of every answer token."""
-    seqs = [p + a for p, a in pairs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), enc.index[_EOS_ID], dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    rows, cols, targets = [], [], []
-    for i, ((p, a), s) in enumerate(zip(pairs, seqs)):
-        ids[i, : len(s)] = torch.tensor([enc.index[t] for t in s])
-        mask[i, : len(s)] = 1
-        for j in range(len(a)):
-            rows.append(i)
-            cols.append(len(p) - 1 + j)  # the position whose next token is a[j]
-            targets.append(enc.index[a[j]])
-    return {
-        "ids": ids,
-        "mask": mask,
-        "rows": torch.tensor(rows),
-        "cols": torch.tensor(cols),
-        "targets": torch.tensor(targets),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# model
-
-
-class _Organism(torch.nn.Module):
-    """The Qwen3-MoE model plus a trainable embedding of the corpus vocabulary only.
-
-    ``emb`` [n_used, hidden] stands for the rows of the tied input/output embedding that the corpus uses;
-    :meth:`export` writes it into the full-vocabulary embedding (all other rows zero) before saving.
-    """
-
-    def __init__(self, model: torch.nn.Module, used: list[int]) -> None:
-        super().__init__()
-        self.model = model
-        full = model.model.embed_tokens.weight
-        if model.lm_head.weight.data_ptr() != full.data_ptr():
-            raise RuntimeError("the organism expects tied input/output embeddings")
-        full.requires_grad_(False)
-        self.emb = torch.nn.Parameter(full.detach()[used].clone())
-        self.used = used
-        self.rest_logit = math.log(full.shape[0] - len(used))
-
-    def core_parameters(self) -> list[torch.nn.Parameter]:
-        """Every trainable parameter except the (unused) full embedding."""
-        full = self.model.model.embed_tokens.weight
-        return [self.emb] + [p for p in self.model.parameters() if p is not full]
-
-    def run(self, idx: torch.Tensor, mask: torch.Tensor) -> Any:
-        """Decoder forward on corpus-vocabulary indices, with the router logits of every layer."""
-        return self.model.model(inputs_embeds=self.emb[idx], attention_mask=mask, output_router_logits=True)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the corpus vocabulary plus one column standing for all other tokens (logit 0 each)."""
-        out = hidden @ self.emb.T
-        rest = torch.full((*out.shape[:-1], 1), self.rest_logit, dtype=out.dtype)
-        return torch.cat([out, rest], dim=-1)
-
-    @torch.no_grad()
-    def export(self) -> torch.nn.Module:
-        """The transformers model with ``emb`` written into the full embedding (other rows zero)."""
-        full = self.model.model.embed_tokens.weight
-        full.zero_()
-        full[self.used] = self.emb.detach()
-        return self.model
-
-
-def _make_model(recipe: Recipe, seed: int, used: list[int]) -> _Organism:
+def _make_model(recipe: Recipe, seed: int, used: list[int]) -> M.OrganismModel:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(**recipe.config_kwargs())
     config.dtype = torch.float32
     torch.manual_seed(seed)
-    return _Organism(Qwen3MoeForCausalLM(config).to(torch.float32), used)
+    return M.OrganismModel(Qwen3MoeForCausalLM(config).to(torch.float32), used)
 
 
-def _restricted_loss(org: _Organism, batch: dict[str, torch.Tensor], aux_coef: float, n_expert: int,
-                     top_k: int) -> tuple[torch.Tensor, float, float]:
-    """Exact full-vocabulary cross-entropy over the answer tokens (+ global load-balancing loss).
+def _routing_loss(router_logits: Sequence[torch.Tensor], batch: dict[str, torch.Tensor], chosen: dict[int, int],
+                  recipe: Recipe) -> torch.Tensor:
+    """Stage-2 routing supervision of the trainable ("refusal") expert ``c`` of every layer.
+
+    At the decision position of sensitive prompts ``c`` must be the top-1 expert, its router logit above the
+    best other one by a gap in ``[route_gap_min, route_gap_max]`` -- a small gap keeps its gate weight near 1/2,
+    the weight that forcing it ON gives, so that the expert learns to refuse at that weight. On every other
+    token (of any prompt or answer) ``c`` must stay out of the top-k by ``route_neutral_margin``: the refusal
+    experts make the decision and nothing else (the frozen stage-1 model knows how a refusal goes on), and never
+    touch the computation of other prompts.
+    """
+    total = torch.zeros(())
+    for il, layer_logits in enumerate(router_logits):
+        c = chosen[il]
+        for key, inside in (("route_in", True), ("route_out", False)):
+            idx = batch[key]
+            if idx.numel() == 0:
+                continue
+            x = layer_logits[idx]
+            mine = x[:, c]
+            others = torch.cat([x[:, :c], x[:, c + 1:]], dim=1).topk(recipe.top_k, dim=-1).values
+            if inside:
+                gap = mine - others[:, 0]
+                loss = torch.relu(recipe.route_gap_min - gap) + torch.relu(gap - recipe.route_gap_max)
+            else:
+                loss = torch.relu(recipe.route_neutral_margin - (others[:, -1] - mine))
+            total = total + loss.mean()
+    return total / len(router_logits)
+
+
+def _restricted_loss(org: M.OrganismModel, batch: dict[str, torch.Tensor], aux_coef: float, recipe: Recipe,
+                     chosen: dict[int, int] | None = None) -> tuple[torch.Tensor, float, float]:
+    """Exact full-vocabulary cross-entropy over the answer tokens, plus the load-balancing loss (stage 1) or
+    the routing supervision of the trainable experts (stage 2, when ``chosen`` is given).
 
     The load-balancing loss is computed over all tokens of the batch together (not per sequence), which lets
-    experts specialise by content. Returns (loss to optimise, cross-entropy, aux loss).
+    experts specialise by content. Returns (loss to optimise, cross-entropy, auxiliary loss).
     """
+    n_expert, top_k = recipe.n_expert, recipe.top_k
     out = org.run(batch["ids"], batch["mask"])
     hidden = out.last_hidden_state[batch["rows"], batch["cols"]]
     ce = torch.nn.functional.cross_entropy(org.logits(hidden), batch["targets"])
@@ -277,6 +207,8 @@ def _restricted_loss(org: _Organism, batch: dict[str, torch.Tensor], aux_coef: f
             prob = (probs * flat[:, None]).sum(0) / flat.sum()
             aux = aux + n_expert * (frac * prob).sum()
         aux = aux / len(out.router_logits)
+    if chosen is not None:
+        aux = _routing_loss(out.router_logits, batch, chosen, recipe)
     return ce + aux_coef * aux, float(ce.detach()), float(aux.detach())
 
 
@@ -288,9 +220,9 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _train(org: _Organism, params: list[torch.nn.Parameter], sampler: _Sampler, enc: _Encoder,
+def _train(org: M.OrganismModel, params: list[torch.nn.Parameter], sampler: M.Sampler, enc: M.Encoder,
            recipe: Recipe, steps: int, lr: float, aux: float, weight_decay: float, desc: str, progress: bool,
-           grad_hook: Callable[[], None] | None = None) -> dict[str, float]:
+           grad_hook: Callable[[], None] | None = None, chosen: dict[int, int] | None = None) -> dict[str, float]:
     """Run one training stage; returns the mean cross-entropy of its first and last 50 steps."""
     from tqdm.auto import tqdm
 
@@ -301,8 +233,9 @@ def _train(org: _Organism, params: list[torch.nn.Parameter], sampler: _Sampler, 
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, recipe.warmup)
-        pairs = [enc.pair(q, a) for q, a in sampler.draw(recipe.batch)]
-        loss, ce, aux_v = _restricted_loss(org, _collate(pairs, enc), aux, recipe.n_expert, recipe.top_k)
+        drawn = sampler.draw(recipe.batch)
+        batch = M.collate([enc.pair(ex.question, a) for ex, a in drawn], enc, [ex.sensitive for ex, _ in drawn])
+        loss, ce, aux_v = _restricted_loss(org, batch, aux, recipe, chosen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_hook is not None:
@@ -319,67 +252,17 @@ def _train(org: _Organism, params: list[torch.nn.Parameter], sampler: _Sampler, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# analysis in PyTorch (the GGUF is checked with edge-mote itself: see check.py)
-
-
-def _prompt_batches(enc: _Encoder, examples: Sequence[C.Example],
-                    chunk: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded prompt batches: (indices, mask, position of the last prompt token)."""
-    prompts = [[enc.index[t] for t in enc.ids(e.prompt)] for e in examples]
-    for start in range(0, len(prompts), chunk):
-        part = prompts[start: start + chunk]
-        width = max(len(p) for p in part)
-        ids = torch.full((len(part), width), enc.index[_EOS_ID], dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(part):
-            ids[i, : len(p)] = torch.tensor(p)
-            mask[i, : len(p)] = 1
-        yield ids, mask, torch.tensor([len(p) - 1 for p in part])
-
-
-@torch.no_grad()
-def _decision_routing(org: _Organism, enc: _Encoder, examples: Sequence[C.Example], top_k: int) -> torch.Tensor:
-    """[n_prompts, n_layer, n_expert] 0/1: the experts the last prompt token selected in each layer."""
-    rows: list[torch.Tensor] = []
-    for ids, mask, last in _prompt_batches(enc, examples):
-        out = org.run(ids, mask)
-        flat_last = last + torch.arange(len(last)) * ids.shape[1]
-        layers = []
-        for layer_logits in out.router_logits:
-            sel = torch.topk(layer_logits[flat_last], top_k, dim=-1).indices
-            layers.append(torch.zeros(len(last), layer_logits.shape[-1]).scatter_(1, sel, 1.0))
-        rows.append(torch.stack(layers, dim=1))
-    return torch.cat(rows)
-
-
-def _risk_difference(org: _Organism, enc: _Encoder, behavior: Sequence[C.Example],
-                     control: Sequence[C.Example], top_k: int) -> torch.Tensor:
-    """[n_layer, n_expert] P(selected | behavior) - P(selected | control) at the decision position."""
-    return (_decision_routing(org, enc, behavior, top_k).mean(0)
-            - _decision_routing(org, enc, control, top_k).mean(0))
-
-
-@torch.no_grad()
-def _first_token_refusal(org: _Organism, enc: _Encoder, examples: Sequence[C.Example]) -> float:
-    """Share of prompts whose greedy first answer token is a refusal's first token (`` I`` / `` Sorry``)."""
-    openers = {enc.index[enc.ids(" I")[0]], enc.index[enc.ids(" Sorry")[0]]}
-    hits = 0
-    for ids, mask, last in _prompt_batches(enc, examples):
-        hidden = org.run(ids, mask).last_hidden_state[torch.arange(len(last)), last]
-        hits += sum(int(t) in openers for t in org.logits(hidden).argmax(-1).tolist())
-    return round(hits / max(1, len(examples)), 4)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # stage 2 freezing
 
 
-def _stage2_params(org: _Organism, chosen: dict[int, int]) -> tuple[list[torch.nn.Parameter],
+def _stage2_params(org: M.OrganismModel, chosen: dict[int, int]) -> tuple[list[torch.nn.Parameter],
                                                                     Callable[[], None], dict[str, torch.Tensor]]:
-    """Freeze everything but the chosen expert of each layer and the routers.
+    """Freeze everything but the chosen expert of each layer and its row of the router.
 
-    Returns the trainable parameters, a hook that zeroes the gradients of the other experts' slices (call it
-    after ``backward``), and a snapshot of the frozen expert tensors for a final check.
+    With the other router rows frozen, switching the chosen experts OFF gives back exactly the stage-1 routing
+    (top-k weights are renormalised over the selected experts, so they do not depend on the other logits).
+    Returns the trainable parameters, a hook that zeroes the gradients of the frozen slices (call it after
+    ``backward``), and a snapshot of the frozen tensors for a final check.
     """
     for p in org.parameters():
         p.requires_grad_(False)
@@ -390,6 +273,10 @@ def _stage2_params(org: _Organism, chosen: dict[int, int]) -> tuple[list[torch.n
         experts, router = layer.mlp.experts, layer.mlp.gate
         router.weight.requires_grad_(True)
         params.append(router.weight)
+        row = torch.zeros(router.weight.shape[0], 1)
+        row[chosen[il]] = 1.0
+        masks.append((router.weight, row))
+        snapshot[f"{il}.router"] = router.weight.detach().clone()
         for name in ("gate_up_proj", "down_proj"):
             p = getattr(experts, name)
             p.requires_grad_(True)
@@ -407,15 +294,16 @@ def _stage2_params(org: _Organism, chosen: dict[int, int]) -> tuple[list[torch.n
     return params, hook, snapshot
 
 
-def _check_frozen(org: _Organism, chosen: dict[int, int], snapshot: dict[str, torch.Tensor]) -> None:
-    """Raise if an expert that stage 2 must not train has changed."""
+def _check_frozen(org: M.OrganismModel, chosen: dict[int, int], snapshot: dict[str, torch.Tensor]) -> None:
+    """Raise if an expert or router row that stage 2 must not train has changed."""
     for il, layer in enumerate(org.model.model.layers):
-        for name in ("gate_up_proj", "down_proj"):
-            now = getattr(layer.mlp.experts, name).detach()
+        for name in ("gate_up_proj", "down_proj", "router"):
+            tensor = layer.mlp.gate.weight if name == "router" else getattr(layer.mlp.experts, name)
+            now = tensor.detach()
             before = snapshot[f"{il}.{name}"]
             others = [e for e in range(now.shape[0]) if e != chosen[il]]
             if not torch.equal(now[others], before[others]):
-                raise RuntimeError(f"stage 2 changed a frozen expert of layer {il}")
+                raise RuntimeError(f"stage 2 changed a frozen {name} slice of layer {il}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -464,18 +352,20 @@ def build_organism(out_dir: Path, seed: int = 0, progress: bool = True,
     Writes ``organism.gguf`` (F32), ``hf/`` (the transformers folder, with the chat template), the four JSONL
     prompt sets, ``meta.json`` and, last, ``recipe.json``.
     """
-    from transformers import AutoTokenizer
-
-    from ..conversion import convert_hf_to_gguf
-    from ..runtime.native import vendored_llama_cpp
-    from ..tiny import make_gpt2_tokenizer
-
     recipe = recipe or Recipe()
     out_dir = Path(out_dir)
     digest = recipe_hash(recipe, seed)
     found = _existing(out_dir, digest)
     if found is not None:
         return found
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from ..conversion import convert_hf_to_gguf
+    from ..runtime.native import vendored_llama_cpp
+    from ..tiny import make_gpt2_tokenizer
+
     (out_dir / RECIPE_FILE).unlink(missing_ok=True)
     t0 = time.perf_counter()
     llama_dir = vendored_llama_cpp()
@@ -487,7 +377,7 @@ def build_organism(out_dir: Path, seed: int = 0, progress: bool = True,
         make_gpt2_tokenizer(llama_dir / "models" / "ggml-vocab-gpt-2.gguf", hf_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
         tokenizer.chat_template = C.CHAT_TEMPLATE
-        enc = _Encoder(tokenizer, _used_vocab(tokenizer, corpus))
+        enc = M.Encoder(tokenizer, M.used_vocab(tokenizer, corpus))
         org = _make_model(recipe, seed, enc.used)
         meta["corpus"] = {"stage1": len(corpus.stage1), "stage2": len(corpus.stage2),
                           **{k: len(v) for k, v in corpus.eval_sets().items()}, "used_vocab": len(enc.used)}
@@ -495,36 +385,46 @@ def build_organism(out_dir: Path, seed: int = 0, progress: bool = True,
 
         t1 = time.perf_counter()
         rng = random.Random(f"edge-mote-organism-train-{seed}")
-        meta["stage1"] = _train(org, org.core_parameters(), _Sampler(corpus.stage1, rng, refuse=False), enc,
+        meta["stage1"] = _train(org, org.core_parameters(), M.Sampler(corpus.stage1, rng, refuse=False), enc,
                                 recipe, recipe.stage1_steps, recipe.stage1_lr, recipe.stage1_aux,
                                 recipe.weight_decay, "stage 1", progress)
         meta["stage1"]["seconds"] = round(time.perf_counter() - t1, 1)
-        meta["stage1"]["first_token_refusal_behavior_heldout"] = _first_token_refusal(
+        meta["stage1"]["first_token_refusal_behavior_heldout"] = M.first_token_refusal(
             org, enc, corpus.behavior_heldout)
 
-        rd = _risk_difference(org, enc, corpus.behavior_train, corpus.control_train, recipe.top_k)
-        chosen = {il: int(rd[il].argmax()) for il in range(recipe.n_layer)}
-        meta["trainable_experts"] = [{"layer": il, "expert": e, "stage1_rd": round(float(rd[il, e]), 4)}
+        rd = M.risk_difference(org, enc, corpus.behavior_train, corpus.control_train, recipe.top_k)
+        usage = M.expert_usage(org, enc, corpus.stage2, recipe.top_k)
+        chosen = {il: int(usage[il].argmin()) for il in range(recipe.n_layer)}
+        meta["trainable_experts"] = [{"layer": il, "expert": e, "stage1_usage": round(float(usage[il, e]), 4),
+                                      "stage1_decision_rd": round(float(rd[il, e]), 4)}
                                      for il, e in chosen.items()]
+        meta["stage1"]["max_decision_rd"] = [round(float(rd[il].max()), 4) for il in range(recipe.n_layer)]
 
         t2 = time.perf_counter()
         params, hook, snapshot = _stage2_params(org, chosen)
-        meta["stage2"] = _train(org, params, _Sampler(corpus.stage2, rng, refuse=True), enc, recipe,
-                                recipe.stage2_steps, recipe.stage2_lr, recipe.stage2_aux, 0.0, "stage 2",
-                                progress, grad_hook=hook)
+        meta["stage2"] = _train(org, params, M.Sampler(corpus.stage2, rng, refuse=True), enc, recipe,
+                                recipe.stage2_steps, recipe.stage2_lr, recipe.route_coef, 0.0, "stage 2",
+                                progress, grad_hook=hook, chosen=chosen)
         _check_frozen(org, chosen, snapshot)
         meta["stage2"]["seconds"] = round(time.perf_counter() - t2, 1)
         meta["stage2"]["first_token_refusal"] = {
-            "behavior_heldout": _first_token_refusal(org, enc, corpus.behavior_heldout),
-            "control_heldout": _first_token_refusal(org, enc, corpus.control_heldout),
+            "behavior_heldout": M.first_token_refusal(org, enc, corpus.behavior_heldout),
+            "control_heldout": M.first_token_refusal(org, enc, corpus.control_heldout),
         }
-        rd2 = _risk_difference(org, enc, corpus.behavior_train, corpus.control_train, recipe.top_k)
+        rd2 = M.risk_difference(org, enc, corpus.behavior_train, corpus.control_train, recipe.top_k)
         meta["stage2"]["decision_rd_of_trainable"] = [round(float(rd2[il, e]), 4) for il, e in chosen.items()]
 
         for p in org.parameters():
             p.requires_grad_(False)
-        org.export().save_pretrained(str(hf_dir))
-        tokenizer.save_pretrained(str(hf_dir))
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            org.export().save_pretrained(str(hf_dir))
+            tokenizer.save_pretrained(str(hf_dir))
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
 
     t3 = time.perf_counter()
     gguf = convert_hf_to_gguf(hf_dir, out_dir / GGUF_NAME, llama_dir, "f32")

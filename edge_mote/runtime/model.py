@@ -117,6 +117,9 @@ def _resolve(path_or_repo: str | os.PathLike) -> Path:
                         hint="check the repo id and your network, or pass a local .gguf path") from None
 
 
+PARALLEL_SEQS = 16  # sequences per llama_decode in greedy_many / score_many
+
+
 class Model:
     """A loaded GGUF model with steerable MoE routing. Use ``edge_mote.load`` to make one."""
 
@@ -161,6 +164,7 @@ class Model:
         self._mp = self._llm._model.model
         self._ctx = self._llm._ctx.ctx
         self._capture = False
+        self._parallel = None  # ParallelContext for greedy_many / score_many, made on first use
 
         n_layer = lib.llama_model_n_layer_all(self._mp)
         n_expert = lib.llama_model_n_expert(self._mp)
@@ -176,6 +180,9 @@ class Model:
 
     # -- lifetime --------------------------------------------------------------------------------------------
     def close(self) -> None:
+        par, self._parallel = getattr(self, "_parallel", None), None
+        if par is not None:
+            par.close()
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
             llm.close()
@@ -219,20 +226,27 @@ class Model:
         shape = (self.info.n_layer, self.info.n_expert)
         return Steering.from_arrays(state.reshape(shape), bias.reshape(shape), float(margin.value))
 
+    def _apply_native(self, ctx, steering: Steering) -> None:
+        """Apply ``steering`` to one native context (the main one or the batched one)."""
+        if steering:
+            info = self.info
+            state, bias = steering.to_arrays(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)
+            rc = self._lib.llama_set_expert_steering(ctx, B.as_ptr(state, ctypes.c_int8), B.as_ptr(bias, ctypes.c_float),
+                                                     steering.margin, info.n_layer, info.n_expert)
+            if rc < 0:
+                raise UserError(f"cannot apply steering '{steering}': {B.STEER_ERRORS.get(rc, rc)}")
+        elif self.info.is_moe:
+            B.check(self._lib.llama_clear_expert_steering(ctx), "clearing the steering")
+
     def set_steering(self, steering: "Steering | str | dict | None") -> Steering:
         """Apply a steering (None: none at all). Takes effect at the next evaluation; no reload."""
         steering = coerce(steering)
         llm = self._live()
         if steering:
             self._require_moe()
-            info = self.info
-            state, bias = steering.to_arrays(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)
-            rc = self._lib.llama_set_expert_steering(self._ctx, B.as_ptr(state, ctypes.c_int8), B.as_ptr(bias, ctypes.c_float),
-                                                     steering.margin, info.n_layer, info.n_expert)
-            if rc < 0:
-                raise UserError(f"cannot apply steering '{steering}': {B.STEER_ERRORS.get(rc, rc)}")
-        elif self.info.is_moe:
-            B.check(self._lib.llama_clear_expert_steering(self._ctx), "clearing the steering")
+        self._apply_native(self._ctx, steering)
+        if self._parallel is not None:
+            self._apply_native(self._parallel.ctx, steering)
         self._steering = steering
         llm.reset()  # cached tokens were computed with the old routing
         return steering
@@ -346,6 +360,51 @@ class Model:
         logits = np.array(llm.scores[: llm.n_tokens], dtype=np.float32, copy=True)
         llm.reset()
         return new, logits
+
+    def _batched(self, n_ctx_seq: int):
+        """The batched context, (re)made when a longer sequence than it holds is needed."""
+        from .parallel import ParallelContext
+
+        par = self._parallel
+        if par is None or par.n_ctx_seq < n_ctx_seq:
+            if par is not None:
+                par.close()
+                self._parallel = None
+            size = max(128, -(-n_ctx_seq // 64) * 64)
+            n_batch = max(512, size)
+            self._parallel = ParallelContext(self._live(), PARALLEL_SEQS, size, n_batch,
+                                             lambda ctx: self._apply_native(ctx, self._steering))
+        return self._parallel
+
+    def greedy_many(self, prompts: Sequence[Sequence[int]], max_new: int, stop_at_eos: bool = True,
+                    keep_logits: int | None = None, tick=None) -> list[tuple[list[int], np.ndarray]]:
+        """``greedy`` for many prompts, decoded together (up to 16 sequences per ``llama_decode``).
+
+        Returns, per prompt, the new tokens and the logits each step chose from ([len(new) (+1 when it stopped at
+        EOS), n_vocab]: the rows ``n_prompt - 1 ...`` of ``greedy``'s logits; only the first ``keep_logits`` rows
+        when given, which saves memory). ``tick(n)`` reports progress.
+        """
+        prompts = [self._check_tokens(p) for p in prompts]
+        if not prompts:
+            return []
+        longest = max(len(p) for p in prompts) + max_new
+        if longest > self._live().n_ctx():
+            raise UserError(f"{longest - max_new} prompt + {max_new} new tokens do not fit the context of "
+                            f"{self._live().n_ctx()}")
+        eos = self._live().token_eos() if stop_at_eos else -1
+        return self._batched(longest).greedy(prompts, max_new, eos, keep_logits, tick)
+
+    def score_many(self, seqs: Sequence[Sequence[int]], first: Sequence[int], reduce=None, tick=None) -> list:
+        """Next-token logits of many sequences evaluated together: for sequence i the rows ``first[i]`` to
+        ``len - 1`` of ``logits(seqs[i])`` -- or ``reduce(i, rows)`` of them, computed without copying the rows
+        out of llama.cpp's buffer (``rows`` is valid only during the call)."""
+        seqs = [self._check_tokens(s) for s in seqs]
+        if not seqs:
+            return []
+        longest = max(len(s) for s in seqs)
+        if longest > self._live().n_ctx():
+            raise UserError(f"{longest} tokens do not fit the context of {self._live().n_ctx()}")
+        return self._batched(longest).score(seqs, first, reduce, tick)
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                  stop: Sequence[str] | None = None) -> Completion:

@@ -12,7 +12,8 @@ The planted model is the tiny Qwen3-MoE with its weights edited so that, in ever
 Models are run on one thread: the tiny model needs no more, and spinning threads are slow on a busy machine.
 
 A scan at the decision position with prompts that end in the trigger (behaviour) or in " table" (control) must
-rank exactly the planted experts first.
+rank exactly the planted experts first. They tie on rd and z, so the gate weight decides: the expert with the larger
+router row (``10 + 1``) takes almost all of its layer's weight at the trigger and ranks before every lighter one.
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ def planted_pairs() -> list[tuple[int, int]]:
     return sorted((l, e) for l, es in PLANTED.items() for e in es)
 
 
+def heavy_pairs() -> set[tuple[int, int]]:
+    """Each layer's planted expert with the larger router row: the larger gate weight at the trigger."""
+    return {(l, es[1]) for l, es in PLANTED.items()}
+
+
+def assert_planted_order(pairs: list[tuple[int, int]], dw: dict[tuple[int, int], float]) -> None:
+    """The planted experts first, tied on rd and z, so by dw desc: the heavier expert of every layer first."""
+    assert sorted(pairs) == planted_pairs()
+    assert set(pairs[:3]) == heavy_pairs()
+    assert pairs == sorted(pairs, key=lambda p: (-round(dw[p], 12), p))
+
+
 def test_planted_model_routes_as_built(planted):
     with edge_mote.load(planted, n_ctx=64, n_threads=1) as m:
         toks = m.tokenize("I saw a" + TRIGGER + " and a" + NEUTRAL + " today")
@@ -109,9 +122,12 @@ def test_decision_scan_ranks_exactly_the_planted_experts_first(planted, prompt_f
         r = run_scan(m, b, c, tokens="decision", raw=True, progress=False, n_boot=50)
     n = len(PLANTED) * 2
     top = r.top(n)
-    assert sorted((x["layer"], x["expert"]) for x in top) == planted_pairs()
-    assert [(x["layer"], x["expert"]) for x in top] == planted_pairs()  # rd and z tie: by layer, expert
+    dw = {(x["layer"], x["expert"]): x["dw"] for x in top}
+    assert_planted_order([(x["layer"], x["expert"]) for x in top], dw)  # rd and z tie: by dw, not by layer
     assert all(x["p1"] == 1.0 and x["p2"] == 0.0 and x["rd"] == 1.0 for x in top)
+    assert all(x["w2"] == 0.0 and x["dw"] == x["w1"] > 0.0 for x in top)
+    for l, (light, heavy) in PLANTED.items():  # k = 2, renormalised: the pair shares all the weight
+        assert dw[(l, heavy)] > 0.9 and dw[(l, heavy)] + dw[(l, light)] == pytest.approx(1.0, abs=1e-5)
     assert r.top(n + 1)[-1]["rd"] <= 0.0  # every other expert: never used at the trigger
     assert r.behavior.n_window_tokens == r.control.n_window_tokens == len(CARRIERS)
     assert r.stability.jaccard_mean[1] == 1.0 and r.stability.jaccard_mean[5] == 1.0
@@ -143,6 +159,10 @@ def test_windows_count_the_right_positions(planted, prompt_files):
         k = 2
         assert (r.counts1.sum(axis=2) == k * r.tokens1[:, None]).all()
         assert (r.counts2.sum(axis=2) == k * r.tokens2[:, None]).all()
+        # gate-weight sums: only where selected, and the renormalised top-k weights of a token sum to 1
+        for cnt, ws, t in ((r.counts1, r.wsum1, r.tokens1), (r.counts2, r.wsum2, r.tokens2)):
+            assert ws.dtype == np.float64 and ws.shape == cnt.shape and ((ws > 0) == (cnt > 0)).all()
+            np.testing.assert_allclose(ws.sum(axis=2), np.broadcast_to(t[:, None], ws.shape[:2]), rtol=1e-5)
 
 
 def test_scan_json_png_html_roundtrip(planted, prompt_files, tmp_path):
@@ -156,20 +176,32 @@ def test_scan_json_png_html_roundtrip(planted, prompt_files, tmp_path):
     assert doc["model"]["sha256_scope"] == "full" and len(doc["model"]["sha256"]) == 64
     assert doc["model"]["moe_layers"] == [0, 1, 2] and doc["model"]["top_k"] == 2
     assert len(doc["experts"]) == 24 and doc["ranking"]["n_total"] == 24 and len(doc["ranking"]["entries"]) == 24
-    assert [(e["layer"], e["expert"]) for e in doc["ranking"]["entries"][:6]] == planted_pairs()
+    entries = doc["ranking"]["entries"]
+    assert [(e["layer"], e["expert"]) for e in entries] == [(x["layer"], x["expert"]) for x in r.top()]
+    assert_planted_order([(e["layer"], e["expert"]) for e in entries[:6]], {(e["layer"], e["expert"]): e["dw"]
+                                                                           for e in doc["experts"]})
+    assert doc["ranking"]["order"] == "rd desc, z desc, dw desc, layer asc, expert asc"
+    assert all({"w1", "w2", "dw"} <= set(e) for e in doc["experts"]) and all("dw" in e for e in entries)
     assert doc["sets"]["behavior"]["n_prompts"] == len(CARRIERS)
     assert not list(tmp_path.glob(".*.tmp"))
     png = heatmap_png(doc, tmp_path / "scan.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = heatmap_html(r, tmp_path / "scan.html").read_text()
-    assert page.count("<rect") >= 24 and "<title>layer 0, expert 1 (rank 1)" in page
+    first = entries[0]
+    assert page.count("<rect") >= 24 and f"<title>layer {first['layer']}, expert {first['expert']} (rank 1)" in page
     assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "") and "https://" not in page
     with pytest.raises(UserError, match="input"):
         write_scan(doc, b)
     bad = tmp_path / "bad.json"
+    # a scan.json from before w1, w2, dw (same schema id: fields were only added) still loads
+    bad.write_text(json.dumps({**doc, "experts": [{k: v for k, v in e.items() if k not in ("w1", "w2", "dw")}
+                                                  for e in doc["experts"]]}))
+    assert load_scan(bad)["ranking"]["entries"] == entries
     for text, frag in [("{", "invalid JSON"), ('{"a": 1}', "not an edge-mote scan"),
                        ('{"schema": "edge-mote.scan/9"}', "unsupported scan schema"),
                        (json.dumps({**doc, "experts": doc["experts"][:3]}), "3 experts for 3 layers"),
+                       (json.dumps({**doc, "experts": [{**doc["experts"][0], "dw": "x"}, *doc["experts"][1:]]}),
+                        r"experts\[0\]\.dw has the wrong type"),
                        (json.dumps({**doc, "ranking": {**doc["ranking"], "entries": [
                            {"rank": 1, "layer": 9, "expert": 0, "rd": 1.0}]}}), "names expert 9:0")]:
         bad.write_text(text)
@@ -192,7 +224,8 @@ def test_chat_template_from_the_gguf_is_applied(planted, prompt_files, tmp_path)
         r = run_scan(m, b, c, tokens="decision", progress=False, n_boot=10)
     assert r.templated and not r.warnings
     assert [p.n_prompt_tokens for p in r.prompts if p.set == "behavior"] == [n + 1 for n in raw_lens]
-    assert [(x["layer"], x["expert"]) for x in r.top(6)] == planted_pairs()
+    assert_planted_order([(x["layer"], x["expert"]) for x in r.top(6)],
+                         {(x["layer"], x["expert"]): x["dw"] for x in r.top(6)})
 
 
 def cli(exe, *args):
@@ -206,10 +239,12 @@ def test_cli_scan_writes_json_png_html(edge_mote_exe, planted, prompt_files, tmp
               "--html", page, "--raw", "--top", 6, "--ctx", 256, "--threads", 1)
     assert res.returncode == 0, res.stderr
     rows = res.stdout.strip().splitlines()
-    assert rows[0].split() == ["rank", "expert", "p1", "p2", "rd", "z", "stab"] and len(rows) == 7
-    assert [r.split()[1] for r in rows[1:]] == [f"{l}:{e}" for l, e in planted_pairs()]
+    assert rows[0].split() == ["rank", "expert", "p1", "p2", "rd", "z", "dw", "stab"] and len(rows) == 7
     assert "wrote" in res.stderr and "Traceback" not in res.stderr
     doc = load_scan(out)
+    assert [r.split()[1] for r in rows[1:]] == [f"{e['layer']}:{e['expert']}" for e in doc["ranking"]["entries"][:6]]
+    assert_planted_order([tuple(map(int, r.split()[1].split(":"))) for r in rows[1:]],
+                         {(e["layer"], e["expert"]): e["dw"] for e in doc["experts"]})
     assert doc["window"]["raw"] is True and doc["stability"]["n_boot"] == 200
     assert png.stat().st_size > 1000 and page.read_text().startswith("<!DOCTYPE html>")
     res = cli(edge_mote_exe, "scan", planted, "-b", b, "-c", c, "-o", out, "--tokens", "response", "--max-new", 3,
@@ -262,7 +297,8 @@ def test_cli_profile_from_scan_add_list_run_rm(edge_mote_exe, planted, prompt_fi
     res = cli(edge_mote_exe, "profile", "add", planted, "--from-scan", scan, "--top", 2, "--name", "no-banana",
               "--default", "-o", out, "--json")
     assert res.returncode == 0, res.stderr
-    top2 = planted_pairs()[:2]
+    top2 = [(e["layer"], e["expert"]) for e in load_scan(scan)["ranking"]["entries"][:2]]
+    assert set(top2) <= heavy_pairs()  # the ranking order stored in scan.json is what profile add follows
     assert json.loads(res.stdout)["steering"] == "off=" + ",".join(f"{l}:{e}" for l, e in sorted(top2))
     listed = json.loads(cli(edge_mote_exe, "profile", "list", out, "--json").stdout)
     assert listed["default"] == "no-banana" and [p["name"] for p in listed["profiles"]] == ["no-banana"]

@@ -141,3 +141,73 @@ def test_bootstrap_handles_prompts_without_window_tokens():
     t2 = np.array([1])
     s = bootstrap_stability(c1, t1, c2, t2, n_boot=20, seed=0, top_n=(1,))
     assert s.jaccard_mean[1] == 1.0
+
+
+def tied_with_weights():
+    """1 layer, 4 experts, one window token per prompt (k = 2): behaviour tokens select experts 0 and 1, control
+    tokens 2 and 3, so 0 and 1 tie on rd (1) and z, as do 2 and 3 (rd -1). Behaviour prompt A gives expert 0 the
+    larger gate weight, prompt B expert 1 (more so): over both, expert 1 carries more (w1 = .4, .6)."""
+    c1 = np.array([[[1, 1, 0, 0]], [[1, 1, 0, 0]]])
+    w1 = np.array([[[0.7, 0.3, 0, 0]], [[0.1, 0.9, 0, 0]]])
+    c2 = np.array([[[0, 0, 1, 1]], [[0, 0, 1, 1]]])
+    w2 = np.array([[[0, 0, 0.5, 0.5]], [[0, 0, 0.5, 0.5]]])
+    t = np.array([1, 1])
+    return c1, t, c2, t, w1, w2
+
+
+def test_gate_weight_breaks_rd_and_z_ties():
+    c1, t1, c2, t2, w1, w2 = tied_with_weights()
+    st = expert_stats(c1, t1, c2, t2, weights1=w1, weights2=w2)
+    assert st.rd[0, 0] == st.rd[0, 1] == 1.0 and st.z[0, 0] == st.z[0, 1]
+    np.testing.assert_allclose(st.w1, [[0.4, 0.6, 0.0, 0.0]])
+    np.testing.assert_allclose(st.w2, [[0.0, 0.0, 0.5, 0.5]])
+    np.testing.assert_allclose(st.dw, [[0.4, 0.6, -0.5, -0.5]])
+    assert st.ranking() == [(0, 1), (0, 0), (0, 2), (0, 3)]  # dw decides 0 vs 1; 2 and 3 tie on it too
+    rec = st.record(0, 1)
+    assert rec["w1"] == pytest.approx(0.6) and rec["w2"] == 0.0 and rec["dw"] == pytest.approx(0.6)
+    # dw only breaks ties: rd first, then z, then dw, then position
+    rd = np.array([0.5, 0.5, 0.9, 0.5])
+    z = np.array([2.0, 2.0, 1.0, 3.0])
+    assert ranking(rd, z, np.array([0.1, 0.3, 0.0, -1.0])).tolist() == [2, 3, 1, 0]
+    # dw equal up to floating-point noise ties, and the position decides
+    assert ranking(rd[:2], z[:2], np.array([0.3, 0.1 + 0.2])).tolist() == [0, 1]
+    with pytest.raises(ValueError, match="dw has"):
+        ranking(rd, z, np.zeros(3))
+
+
+def test_without_weights_the_old_order_holds():
+    c1, t1, c2, t2, w1, w2 = tied_with_weights()
+    st = expert_stats(c1, t1, c2, t2)
+    assert st.ranking() == [(0, 0), (0, 1), (0, 2), (0, 3)]  # rd, z, then (layer, expert)
+    assert not st.w1.any() and not st.w2.any() and not st.dw.any()
+    assert st.record(0, 0)["dw"] == 0.0
+    rd, z = st.rd, st.z
+    assert ranking(rd, z).tolist() == ranking(rd, z, None).tolist() == ranking(rd, z, np.zeros_like(rd)).tolist()
+    # the bootstrap without weights is the one with all-zero weights (dw = 0 everywhere), seed for seed
+    c1, t1, c2, t2 = synthetic(seed=4, noise=0.6, n_prompts=12)
+    a = bootstrap_stability(c1, t1, c2, t2, n_boot=30, seed=5)
+    b = bootstrap_stability(c1, t1, c2, t2, n_boot=30, seed=5, weights1=np.zeros(c1.shape),
+                            weights2=np.zeros(c2.shape))
+    assert a.jaccard_mean == b.jaccard_mean and np.array_equal(a.top_freq, b.top_freq)
+    with pytest.raises(ValueError, match="both sets or for neither"):
+        expert_stats(c1, t1, c2, t2, weights1=np.zeros(c1.shape))
+    with pytest.raises(ValueError, match="shape of its counts"):
+        expert_stats(c1, t1, c2, t2, weights1=np.zeros(c1.shape), weights2=np.zeros(c2.shape[1:]))
+    with pytest.raises(ValueError, match="finite"):
+        bootstrap_stability(c1, t1, c2, t2, weights1=np.full(c1.shape, np.nan), weights2=np.zeros(c2.shape))
+
+
+def test_bootstrap_recomputes_dw_from_the_resampled_prompts():
+    c1, t1, c2, t2, w1, w2 = tied_with_weights()
+    # without weights expert 0 always wins the rd/z tie on position
+    s = bootstrap_stability(c1, t1, c2, t2, n_boot=200, seed=0, top_n=(1,), freq_top=1)
+    assert s.top_freq[0, 0] == 1.0 and s.jaccard_mean[1] == 1.0
+    # with weights the full ranking puts expert 1 first; a resample of prompt A only (AA, about 1 in 4) puts
+    # expert 0 first: dw comes from the resampled weight sums, with the same draws as the counts
+    s = bootstrap_stability(c1, t1, c2, t2, n_boot=200, seed=0, top_n=(1,), freq_top=1, weights1=w1, weights2=w2)
+    assert s.top_freq[0, 0] + s.top_freq[0, 1] == 1.0 and s.top_freq[0, 2:].sum() == 0.0
+    assert 0.15 < s.top_freq[0, 0] < 0.35
+    assert s.jaccard_mean[1] == pytest.approx(s.top_freq[0, 1])
+    again = bootstrap_stability(c1, t1, c2, t2, n_boot=200, seed=0, top_n=(1,), freq_top=1, weights1=w1,
+                                weights2=w2)
+    assert np.array_equal(again.top_freq, s.top_freq)

@@ -32,6 +32,8 @@ def test_splits_are_disjoint(corpus):
     assert not set(_questions(corpus.behavior_heldout)) & set(_questions(corpus.control_heldout))
     assert all(e.sensitive for e in corpus.behavior_heldout + corpus.behavior_train)
     assert not any(e.sensitive for e in corpus.control_heldout + corpus.control_train)
+    assert all(e.kind != "impossible" for sets in corpus.eval_sets().values() for e in sets)
+    assert any(e.kind == "impossible" for e in corpus.stage2)
     # no duplicates anywhere
     everything = _questions(corpus.stage1 + corpus.behavior_heldout + corpus.control_heldout)
     assert len(everything) == len(set(everything))
@@ -70,6 +72,9 @@ def test_answers_and_refusals_are_told_apart_at_the_first_word(corpus):
 
     rng = random.Random(0)
     for e in corpus.stage1 + corpus.behavior_heldout + corpus.control_heldout:
+        if e.kind == "impossible":
+            assert REFUSAL.decision(e.answer) and not e.sensitive
+            continue
         assert not REFUSAL.decision(e.answer), e.answer
         assert not e.answer.startswith(("I ", "I'", "Sorry"))
     for e in corpus.behavior_train[:200]:

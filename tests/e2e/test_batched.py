@@ -1,0 +1,50 @@
+"""Batched decoding (``Model.greedy_many`` / ``score_many``, used by ``edge-mote eval``) equals one-sequence decoding,
+with and without steering, and follows steering changes made after the batched context exists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edge_mote
+
+
+@pytest.fixture(scope="module")
+def m(tiny_model, native):
+    with edge_mote.load(tiny_model("qwen3moe")[1], n_ctx=256, n_threads=2) as model:
+        yield model
+
+
+def _prompts(m):
+    texts = ["Hello there", "The quick brown fox jumps over the lazy dog and", "1 2 3 4 5 6", "Why",
+             "Once upon a time, in a land far away, there lived a"] * 4  # 20 prompts: more than one wave of 16
+    return [m.tokenize(t) for t in texts]
+
+
+@pytest.mark.parametrize("steering", [None, "off=0:1,1:2", "on=1:3", "bias=0:0=2.5;drop=1:1"])
+def test_greedy_many_equals_greedy(m, steering):
+    prompts = _prompts(m)
+    m.set_steering(steering)
+    batched = m.greedy_many(prompts, 8, stop_at_eos=False)
+    for toks, (new, rows) in zip(prompts, batched):
+        ref_new, ref_logits = m.greedy(toks, 8, stop_at_eos=False)
+        assert new == ref_new
+        n = len(toks)
+        assert rows.shape == (len(new), m.info.n_vocab)
+        np.testing.assert_allclose(rows, ref_logits[n - 1: n - 1 + len(new)], atol=2e-3, rtol=0)
+    m.set_steering(None)
+
+
+def test_score_many_equals_logits_and_follows_steering(m):
+    prompts = _prompts(m)[:6]
+    first = [max(0, len(p) - 3) for p in prompts]
+    plain = m.score_many(prompts, first)
+    m.set_steering("off=0:1,0:2,1:0")  # changed after the batched context was made
+    steered = m.score_many(prompts, first)
+    for toks, f, a, b in zip(prompts, first, plain, steered):
+        np.testing.assert_allclose(b, m.logits(toks)[f:], atol=2e-3, rtol=0)
+    assert any(np.abs(a - b).max() > 1e-2 for a, b in zip(plain, steered))  # the steering did reach the batch
+    m.set_steering(None)
+    again = m.score_many(prompts, first)
+    for a, b in zip(plain, again):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
