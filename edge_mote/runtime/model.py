@@ -117,7 +117,8 @@ def _resolve(path_or_repo: str | os.PathLike) -> Path:
                         hint="check the repo id and your network, or pass a local .gguf path") from None
 
 
-PARALLEL_SEQS = 16  # sequences per llama_decode in greedy_many / score_many
+PARALLEL_SEQS = 16     # sequences per llama_decode in greedy_many / score_many ...
+PARALLEL_CELLS = 8192  # ... at most as many as keep the batched KV cache within this many cells
 
 
 class Model:
@@ -372,7 +373,8 @@ class Model:
                 self._parallel = None
             size = max(128, -(-n_ctx_seq // 64) * 64)
             n_batch = max(512, size)
-            self._parallel = ParallelContext(self._live(), PARALLEL_SEQS, size, n_batch,
+            n_seq = max(1, min(PARALLEL_SEQS, PARALLEL_CELLS // size))  # bound the KV cache of long sequences
+            self._parallel = ParallelContext(self._live(), n_seq, size, n_batch,
                                              lambda ctx: self._apply_native(ctx, self._steering))
         return self._parallel
 

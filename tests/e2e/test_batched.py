@@ -48,3 +48,17 @@ def test_score_many_equals_logits_and_follows_steering(m):
     again = m.score_many(prompts, first)
     for a, b in zip(plain, again):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_long_sequences_get_fewer_slots_and_same_results(m, monkeypatch):
+    import edge_mote.runtime.model as model_module
+
+    monkeypatch.setattr(model_module, "PARALLEL_CELLS", 512)
+    prompts = [m.tokenize(" ".join(["word"] * 150) + f" {i}") for i in range(3)]  # > 128 tokens: 192-cell slots
+    if m._parallel is not None:  # start from a fresh batched context sized for these sequences
+        m._parallel.close()
+        m._parallel = None
+    batched = m.greedy_many(prompts, 4, stop_at_eos=False)
+    assert m._parallel.n_seq == 2 and m._parallel.n_ctx_seq == 192
+    for toks, (new, _) in zip(prompts, batched):
+        assert new == m.greedy(toks, 4, stop_at_eos=False)[0]
