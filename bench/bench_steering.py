@@ -99,7 +99,7 @@ def worker_speed(spec: dict) -> dict:
     configs: dict[str, Callable[[], None]] = {"stock": lambda: None}
     if patched:
         from edge_mote.runtime import bindings as B
-        from edge_mote.runtime.steering import Steering
+        from edge_mote.steering import Steering
 
         lib, mp, ctx = B.lib(), llm._model.model, llm._ctx.ctx
         n_layer, n_expert = lib.llama_model_n_layer_all(mp), lib.llama_model_n_expert(mp)
@@ -178,7 +178,7 @@ def worker_capture(spec: dict) -> dict:
     import llama_cpp
 
     import edge_mote
-    from edge_mote.runtime.steering import Steering
+    from edge_mote.steering import Steering
 
     m = edge_mote.load(spec["model"], n_ctx=spec["n_ctx"], n_batch=512, n_threads=spec["threads"], seed=0)
     llm, info = m._llm, m.info

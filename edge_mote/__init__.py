@@ -20,7 +20,8 @@ _LAZY = {
     "ModelInfo": "edge_mote.runtime.model",
     "RoutingTrace": "edge_mote.runtime.model",
     "Completion": "edge_mote.runtime.model",
-    "Steering": "edge_mote.runtime.steering",
+    "Steering": "edge_mote.steering",
+    "ExpertState": "edge_mote.steering",
 }
 
 __all__ = ["EdgeMoteError", "UserError", "__version__", *_LAZY]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .runtime.model import Completion, ModelInfo, load
-from .runtime.steering import Steering
+from .steering import Steering
 
 
 def describe_model(model: str | os.PathLike, **load_kwargs) -> ModelInfo:

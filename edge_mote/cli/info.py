@@ -18,14 +18,14 @@ def info(model, as_json, n_ctx, n_threads, n_gpu_layers, rpc):
     if as_json:
         echo_json(mi.to_dict())
         return
-    from ..runtime.steering import _ranges
+    from ..steering import format_ranges
 
     click.echo(f"model        {mi.path}")
     click.echo(f"architecture {mi.arch}" + (f" ({mi.name})" if mi.name else ""))
     click.echo(f"layers       {mi.n_layer}")
     if mi.is_moe:
         ks = sorted(set(mi.n_expert_used.values()))
-        click.echo(f"MoE layers   {_ranges(list(mi.moe_layers))} ({len(mi.moe_layers)})")
+        click.echo(f"MoE layers   {format_ranges(list(mi.moe_layers))} ({len(mi.moe_layers)})")
         click.echo(f"experts      {mi.n_expert} routed per layer, top-{'/'.join(map(str, ks))} per token "
                    f"({mi.n_expert * len(mi.moe_layers)} routed experts in all)")
     else:

@@ -48,7 +48,7 @@ def steering_options(f):
 def steering_from_options(off, drop, on_, bias_, margin, steer_text):
     """The Steering the flags describe (None if no flag was given)."""
     from ..errors import UserError
-    from ..runtime.steering import Steering
+    from ..steering import Steering
 
     parts = []
     for mode, values in (("off", off), ("drop", drop), ("on", on_), ("bias", bias_)):

@@ -27,7 +27,7 @@ def profile():
 def add(model, name, output, scan_path, top, mode, bias, steer_text, description, make_default, as_json):
     from ..api import add_profile, scan_ranking, steering_from_ranking
     from ..errors import UserError
-    from ..runtime.steering import Steering
+    from ..steering import Steering
 
     if (scan_path is None) == (steer_text is None):
         raise UserError("give either --from-scan (with --top) or --steer")

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import UserError
-from ..runtime.steering import Steering
+from ..steering import Steering, limits_problem
 from .detectors import REFUSAL, BehaviorDetector, is_coherent
 from .metrics import answer_nll, kl_divergence, log_softmax, perplexity
 
@@ -156,14 +156,7 @@ def _steering(mode: str, experts: Sequence[tuple[int, int]]) -> Steering:
 
 
 def _valid(mode: str, experts: Sequence[tuple[int, int]], n_expert: int, k: dict[int, int]) -> bool:
-    per_layer: dict[int, int] = {}
-    for layer, _ in experts:
-        per_layer[layer] = per_layer.get(layer, 0) + 1
-    if mode == "off":
-        return all(c <= n_expert - k[l] for l, c in per_layer.items())
-    if mode == "on":
-        return all(c <= k[l] for l, c in per_layer.items())
-    return True
+    return limits_problem(mode, experts, n_expert, k) is None
 
 
 def draw_random(n: int, mode: str, exclude: set[tuple[int, int]], moe_layers: Sequence[int], n_expert: int,

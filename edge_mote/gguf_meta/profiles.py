@@ -7,17 +7,16 @@ into place: the output is complete or absent, and it is never the input.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 from ..errors import UserError
-from ..runtime.steering import DEFAULT_MARGIN, Steering
+from ..fileio import atomic_output, check_output
+from ..steering import DEFAULT_MARGIN, STATE_OF_MODE, Steering
 from . import keys as K
 
-_STATE_OF_MODE = {"off": 1, "on": 2, "drop": 3}
-_MODE_OF_STATE = {v: k for k, v in _STATE_OF_MODE.items()}
+_MODE_OF_STATE = {int(v): k for k, v in STATE_OF_MODE.items()}
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ def profile_metadata(profiles: Mapping[str, Profile], default: str | None) -> li
         check_profile_name(name)
         s = prof.steering
         rows = []
-        for mode, state in _STATE_OF_MODE.items():
+        for mode, state in STATE_OF_MODE.items():
             rows += [(l, e, state, 0.0) for l, e in sorted(getattr(s, mode))]
         rows += [(l, e, 0, v) for (l, e), v in s.bias.items()]
         rows.sort()
@@ -164,33 +163,20 @@ def profile_metadata(profiles: Mapping[str, Profile], default: str | None) -> li
     return out
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def write_profiles(src: str | os.PathLike, dst: str | os.PathLike, profiles: Mapping[str, Profile],
                    default: str | None = None, progress: bool = False) -> Path:
     """Copy ``src`` to ``dst`` replacing all edge-mote metadata by ``profiles`` (atomic; never over ``src``)."""
     from gguf import GGUFValueType, GGUFWriter, Keys
 
     src, dst = Path(src), Path(dst)
-    if _same_file(src, dst):
-        raise UserError(f"output {dst} is the input file: edge-mote never writes over its input",
-                        hint="choose another output path with -o")
+    check_output(dst, inputs=[src])
     reader = open_reader(src)
     arch = _field_value(reader, K.ARCHITECTURE)
     if arch is None:
         raise UserError(f"{src} has no general.architecture: not a llama.cpp model")
     new_meta = profile_metadata(profiles, default)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_output(dst, inputs=[src]) as tmp:
         writer = GGUFWriter(tmp, arch=str(arch), endianess=reader.endianess)
         alignment = _field_value(reader, Keys.General.ALIGNMENT)
         if alignment is not None:
@@ -214,9 +200,5 @@ def write_profiles(src: str | os.PathLike, dst: str | os.PathLike, profiles: Map
         for t in reader.tensors:
             writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
         writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return dst
 

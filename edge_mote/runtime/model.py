@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import EdgeMoteError, UserError
 from . import bindings as B
-from .steering import Steering, coerce
+from ..steering import Steering, coerce
 
 
 @dataclass(frozen=True)

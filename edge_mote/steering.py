@@ -20,6 +20,7 @@ JSON form (``Steering.from_json``/``to_json``)::
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,10 +28,20 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ..errors import UserError
-from . import bindings as B
+from .errors import UserError
+
+
+class ExpertState(enum.IntEnum):
+    """Per-expert routing state, with the values of llama.h's ``enum llama_expert_state``."""
+
+    DEFAULT = 0
+    OFF = 1
+    ON = 2
+    DROP = 3
+
 
 Expert = tuple[int, int]
+STATE_OF_MODE = {"off": ExpertState.OFF, "drop": ExpertState.DROP, "on": ExpertState.ON}
 DEFAULT_MARGIN = float(np.float32(0.01))  # values are kept at float32 precision, as llama.cpp sees them
 _MODES = ("off", "drop", "on")
 
@@ -222,49 +233,66 @@ class Steering:
     def to_arrays(self, n_layer: int, n_expert: int, moe_layers: Iterable[int],
                   n_expert_used: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Validate against a model's shape and return (state int8 [n_layer, n_expert], bias float32 [...])."""
-        moe = set(moe_layers)
+        self.check(n_layer, n_expert, moe_layers, n_expert_used)
         state = np.zeros((n_layer, n_expert), dtype=np.int8)
         bias = np.zeros((n_layer, n_expert), dtype=np.float32)
-        codes = {"off": B.LLAMA_EXPERT_STATE_OFF, "drop": B.LLAMA_EXPERT_STATE_DROP, "on": B.LLAMA_EXPERT_STATE_ON}
-        for layer, expert in sorted(self.experts):
-            _check_expert(layer, expert, n_layer, n_expert, moe)
-        for mode, code in codes.items():
+        for mode, code in STATE_OF_MODE.items():
             for layer, expert in getattr(self, mode):
                 state[layer, expert] = code
         for (layer, expert), value in self.bias.items():
             bias[layer, expert] = value
-        for layer in sorted({l for l, _ in self.off | self.on}):
-            k = n_expert_used[layer]
-            n_off = int((state[layer] == B.LLAMA_EXPERT_STATE_OFF).sum())
-            n_on = int((state[layer] == B.LLAMA_EXPERT_STATE_ON).sum())
-            if n_expert - n_off < k:
-                raise UserError(f"layer {layer}: {n_off} of {n_expert} experts are OFF, but each token is routed to "
-                                f"{k}: at most {n_expert - k} can be OFF")
-            if n_on > k:
-                raise UserError(f"layer {layer}: {n_on} experts are ON, but each token is routed to only {k}")
         return state, bias
+
+    def check(self, n_layer: int, n_expert: int, moe_layers: Iterable[int], n_expert_used: Mapping[int, int]) -> None:
+        """Raise a UserError unless this steering fits a model of that shape (see ``check_limits``)."""
+        check_limits(self.experts, n_layer, n_expert, moe_layers, n_expert_used)
+        problem = limits_problem("off", self.off, n_expert, n_expert_used) or \
+            limits_problem("on", self.on, n_expert, n_expert_used)
+        if problem:
+            raise UserError(problem)
 
     @classmethod
     def from_arrays(cls, state: np.ndarray, bias: np.ndarray, margin: float = DEFAULT_MARGIN) -> "Steering":
-        modes = {B.LLAMA_EXPERT_STATE_OFF: [], B.LLAMA_EXPERT_STATE_DROP: [], B.LLAMA_EXPERT_STATE_ON: []}
+        modes = {ExpertState.OFF: [], ExpertState.DROP: [], ExpertState.ON: []}
         for (layer, expert), code in np.ndenumerate(state):
             if code in modes:
                 modes[int(code)].append((layer, expert))
         b = {(int(l), int(e)): float(bias[l, e]) for l, e in zip(*np.nonzero(bias))}
-        return cls(modes[B.LLAMA_EXPERT_STATE_OFF], modes[B.LLAMA_EXPERT_STATE_DROP],
-                   modes[B.LLAMA_EXPERT_STATE_ON], b, margin)
+        return cls(modes[ExpertState.OFF], modes[ExpertState.DROP], modes[ExpertState.ON], b, margin)
 
 
-def _check_expert(layer: int, expert: int, n_layer: int, n_expert: int, moe: set[int]) -> None:
-    if layer >= n_layer:
-        raise UserError(f"layer {layer} is out of range: the model has {n_layer} layers (0-{n_layer - 1})")
-    if expert >= n_expert:
-        raise UserError(f"expert {expert} is out of range: layer {layer} has {n_expert} routed experts (0-{n_expert - 1})")
-    if layer not in moe:
-        raise UserError(f"layer {layer} is a dense layer (no router); MoE layers: {_ranges(sorted(moe))}")
+def check_limits(experts: Iterable[Expert], n_layer: int, n_expert: int, moe_layers: Iterable[int],
+                 n_expert_used: Mapping[int, int]) -> None:
+    """Every (layer, expert) exists and sits in a MoE layer, else a UserError naming the first that does not."""
+    moe = set(moe_layers)
+    for layer, expert in sorted(experts):
+        if layer >= n_layer:
+            raise UserError(f"layer {layer} is out of range: the model has {n_layer} layers (0-{n_layer - 1})")
+        if expert >= n_expert:
+            raise UserError(f"expert {expert} is out of range: layer {layer} has {n_expert} routed experts "
+                            f"(0-{n_expert - 1})")
+        if layer not in moe:
+            raise UserError(f"layer {layer} is a dense layer (no router); MoE layers: {format_ranges(sorted(moe))}")
 
 
-def _ranges(xs: list[int]) -> str:
+def limits_problem(mode: str, experts: Iterable[Expert], n_expert: int, n_expert_used: Mapping[int, int]) -> str | None:
+    """Why switching ``experts`` to ``mode`` breaks a layer's limits (at most n_expert - k OFF, at most k ON), or
+    None when it does not. The one place that knows these limits (the patch checks them again natively)."""
+    per_layer: dict[int, int] = {}
+    for layer, _ in experts:
+        per_layer[layer] = per_layer.get(layer, 0) + 1
+    for layer in sorted(per_layer):
+        c, k = per_layer[layer], n_expert_used.get(layer, 0)
+        if mode == "off" and n_expert - c < k:
+            return (f"layer {layer}: {c} of {n_expert} experts are OFF, but each token is routed to {k}: "
+                    f"at most {n_expert - k} can be OFF")
+        if mode == "on" and c > k:
+            return f"layer {layer}: {c} experts are ON, but each token is routed to only {k}"
+    return None
+
+
+def format_ranges(xs: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"``."""
     out, start, prev = [], None, None
     for x in xs:
         if start is None:
