@@ -88,35 +88,6 @@ class Completion:
     seconds: float
 
 
-def _resolve(path_or_repo: str | os.PathLike) -> Path:
-    """A local GGUF path, or ``owner/repo[:file.gguf]`` downloaded from the Hugging Face Hub."""
-    p = Path(path_or_repo).expanduser()
-    if p.exists():
-        return p
-    text = str(path_or_repo)
-    repo, _, filename = text.partition(":")
-    if repo.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise UserError(f"model file not found: {text}",
-                        hint="pass a .gguf path or a Hugging Face repo id like owner/name:file.gguf")
-    try:
-        from huggingface_hub import hf_hub_download, list_repo_files
-    except ImportError as e:  # pragma: no cover
-        raise UserError("huggingface-hub is needed to download models") from e
-    try:
-        if not filename:
-            ggufs = [f for f in list_repo_files(repo) if f.endswith(".gguf")]
-            if len(ggufs) != 1:
-                raise UserError(f"{repo} has {len(ggufs)} GGUF files; choose one with {repo}:FILE.gguf",
-                                hint=", ".join(ggufs[:10]) or None)
-            filename = ggufs[0]
-        return Path(hf_hub_download(repo, filename))
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"cannot download {text} from the Hugging Face Hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                        hint="check the repo id and your network, or pass a local .gguf path") from None
-
-
 PARALLEL_SEQS = 16     # sequences per llama_decode in greedy_many / score_many ...
 PARALLEL_CELLS = 8192  # ... at most as many as keep the batched KV cache within this many cells
 
@@ -129,8 +100,9 @@ class Model:
                  verbose: bool = False, **llama_kwargs):
         from ..gguf_meta import keys as K
         from ..gguf_meta.profiles import check_gguf_header, read_profiles_cached
+        from .resolve import resolve_model
 
-        path = _resolve(path)
+        path = resolve_model(path)  # a local path, or hf://owner/repo[:file.gguf][@revision] (never implicit)
         check_gguf_header(path)  # one-line error for missing, empty or non-GGUF files, before llama.cpp sees them
 
         lib = B.lib()
@@ -429,7 +401,7 @@ class Model:
 
 
 def load(path_or_repo: str | os.PathLike, **llama_kwargs) -> Model:
-    """Load a GGUF model (local path or ``owner/repo[:file.gguf]`` on the Hugging Face Hub).
+    """Load a GGUF model (local path or ``hf://owner/repo[:file.gguf][@revision]`` on the Hugging Face Hub).
 
     Keyword arguments go to ``llama_cpp.Llama`` (``n_ctx``, ``n_gpu_layers``, ``type_k``, ...). The GGUF's
     default steering profile, if any, is in effect after loading (``Model.steering``).
