@@ -18,8 +18,9 @@ COMMANDS = {
     "info": ("edge_mote.cli.info", "info", "Show a model's architecture, MoE layers, experts and stored profiles."),
     "scan": ("edge_mote.cli.scan", "scan", "Find the experts behind a behaviour: rank them by risk difference between two prompt sets (fTRI)."),
     "profile": ("edge_mote.cli.profile", "profile", "Add, list and remove named steering profiles stored in a GGUF."),
-    "rpc-worker": ("edge_mote.cli.rpc_worker", "rpc_worker",
-                   "Start an RPC worker (ggml-rpc-server) so another machine can run layers here."),
+    "rpc-worker": ("edge_mote.cli.rpc_worker", "rpc_worker", "Old name of `worker`."),
+    "worker": ("edge_mote.cli.worker", "worker",
+               "Run an RPC worker (loopback by default) so another machine can place layers here."),
     "run": ("edge_mote.cli.run", "run", "Generate text with optional expert steering (OFF/DROP/ON/bias, profiles)."),
 }
 

@@ -39,8 +39,9 @@ def _ints(text: str) -> tuple[int, ...]:
 def eval_(model, behavior, control, scan_path, tops, random_trials, modes, max_new, seed, detector, raw, as_json,
           n_ctx, n_threads, n_gpu_layers, rpc):
     from ..api import run_eval
+    from ..cluster import call
 
-    report = run_eval(model, behavior, control, scan_path, tops=_ints(tops), random_trials=random_trials,
+    report = call(run_eval, model, behavior, control, scan_path, tops=_ints(tops), random_trials=random_trials,
                       modes=tuple(m.strip() for m in modes.split(",") if m.strip()), seed=seed, max_new=max_new,
                       detector=detector, raw=raw, progress=not as_json,
                       **load_kwargs(n_ctx, n_threads, n_gpu_layers, rpc))

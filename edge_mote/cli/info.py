@@ -13,8 +13,9 @@ from .options import echo_json, json_option, load_options, load_kwargs, model_ar
 @load_options
 def info(model, as_json, n_ctx, n_threads, n_gpu_layers, rpc):
     from ..api import describe_model
+    from ..cluster import call
 
-    mi = describe_model(model, **load_kwargs(min(n_ctx, 256), n_threads, n_gpu_layers, rpc))
+    mi = call(describe_model, model, **load_kwargs(min(n_ctx, 256), n_threads, n_gpu_layers, rpc))
     if as_json:
         echo_json(mi.to_dict())
         return

@@ -22,13 +22,29 @@ def load_options(f):
     f = click.option("--gpu-layers", "n_gpu_layers", type=int, default=None,
                      help="Layers to offload to GPU/RPC devices (-1: all; default 0, or all with --rpc).")(f)
     f = click.option("--rpc", "rpc", default=None, metavar="HOST:PORT,...",
-                     help="RPC workers (edge-mote rpc-worker / ggml-rpc-server) to place layers on.")(f)
+                     help="RPC workers (edge-mote worker) to place layers on; inference then runs in a child process "
+                          "that a failing worker cannot take down ([IPv6]:PORT and host names work).")(f)
+    f = click.option("--plan", "plan", default=None, metavar="auto|even|PLAN.json", expose_value=False,
+                     callback=_stash_plan,
+                     help="With --rpc: how to split layers over the workers (auto: measure nodes and links, "
+                          "minimise ms/token; default: llama.cpp's split by free memory).")(f)
     return f
 
 
+def _stash_plan(ctx, param, value):
+    ctx.meta["edge_mote.plan"] = value
+    return value
+
+
 def load_kwargs(n_ctx, n_threads, n_gpu_layers, rpc=None) -> dict:
+    """Keyword arguments for ``edge_mote.cluster.call`` (``load`` / ``Model`` plus ``plan`` when --plan is given)."""
     servers = [s for s in (rpc or "").split(",") if s.strip()]
-    return {"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "rpc_servers": servers or None}
+    out = {"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "rpc_servers": servers or None}
+    ctx = click.get_current_context(silent=True)
+    plan = ctx.meta.get("edge_mote.plan") if ctx is not None else None
+    if plan:
+        out["plan"] = plan
+    return out
 
 
 def steering_options(f):

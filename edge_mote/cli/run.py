@@ -21,10 +21,11 @@ from .options import (echo_json, json_option, load_kwargs, load_options, model_a
 def run(model, prompt, max_tokens, temperature, seed, off, drop, on_, bias_, margin, steer_text, profile, as_json,
         n_ctx, n_threads, n_gpu_layers, rpc):
     from ..api import run_prompt
+    from ..cluster import call
 
     steering = steering_from_options(off, drop, on_, bias_, margin, steer_text)
-    result = run_prompt(model, prompt, steering=steering, profile=profile, max_tokens=max_tokens,
-                        temperature=temperature, seed=seed, **load_kwargs(n_ctx, n_threads, n_gpu_layers, rpc))
+    result = call(run_prompt, model, prompt, steering=steering, profile=profile, max_tokens=max_tokens,
+                  temperature=temperature, seed=seed, **load_kwargs(n_ctx, n_threads, n_gpu_layers, rpc))
     if as_json:
         echo_json(result.to_dict())
         return

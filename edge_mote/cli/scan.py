@@ -30,9 +30,10 @@ _WINDOWS = ("prompt", "decision", "response", "all")  # edge_mote.ftri.scan.WIND
 @load_options
 def scan(model, behavior, control, out, tokens, max_new, heatmap, html, raw, top, as_json, n_ctx, n_threads,
          n_gpu_layers, rpc):
+    from ..cluster import call
     from ..ftri.scan import scan_and_write
 
-    result = scan_and_write(model, behavior, control, out, tokens=tokens, max_new=max_new, raw=raw, heatmap=heatmap,
+    result = call(scan_and_write, model, behavior, control, out, tokens=tokens, max_new=max_new, raw=raw, heatmap=heatmap,
                             html=html, top=top, progress=not as_json,
                             **load_kwargs(n_ctx, n_threads, n_gpu_layers, rpc))
     for w in result.warnings:

@@ -4,58 +4,77 @@ Security: an RPC worker executes whatever graph a client sends and reads/writes 
 authentication or encryption (llama.cpp calls it a proof of concept; advisories have shown memory corruption from
 crafted requests). Anyone who can reach its port can use it, so workers bind to 127.0.0.1 unless the user explicitly
 asks otherwise, and then only on a trusted private network.
+
+ggml itself aborts the process when a worker is not what it expects (a port that is not a worker, another
+protocol version) and hangs when one freezes. ``connect`` therefore says hello to every worker in Python first
+(``rpc_protocol.preflight``: version checked, with a timeout). A worker that fails *during* inference still takes
+the process down: ``edge_mote.cluster.isolate`` runs cluster inference in a child process with a watchdog.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Iterable
 
 from ..errors import UserError
+from .rpc_protocol import WorkerInfo, format_endpoint, parse_endpoint, preflight
 
 DEFAULT_PORT = 50052
 LOCAL_HOST = "127.0.0.1"
+PREFLIGHT_TIMEOUT = 5.0
 
 EXPOSURE_WARNING = (
     "the RPC worker accepts unauthenticated, unencrypted requests that read and write its memory and run "
-    "arbitrary compute graphs: anyone who can reach {endpoint} can use (and may compromise) this machine. "
-    "Expose it only on a private network you trust, never to the internet."
+    "arbitrary compute graphs, and it sees every weight a client uploads: anyone who can reach {endpoint} can "
+    "use (and may compromise) this machine. Expose it only on a private network you trust, never to the internet."
 )
 
+__all__ = ["DEFAULT_PORT", "LOCAL_HOST", "EXPOSURE_WARNING", "parse_endpoint", "format_endpoint", "preflight",
+           "WorkerInfo", "check_reachable", "ggml_endpoint", "connect", "check_registered", "is_loopback"]
 
-def parse_endpoint(text: str) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not host:
-        raise UserError(f"bad RPC worker '{text}': expected HOST:PORT, e.g. 192.168.1.20:{DEFAULT_PORT}")
+
+def check_reachable(endpoint: str, timeout: float = PREFLIGHT_TIMEOUT) -> WorkerInfo:
+    """A one-line UserError unless a compatible RPC worker answers the hello at ``endpoint``."""
+    return preflight(endpoint, timeout)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        p = int(port)
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        raise UserError(f"bad RPC worker '{text}': PORT must be a number") from None
-    if not 0 < p < 65536:
-        raise UserError(f"bad RPC worker '{text}': PORT must be 1-65535")
-    return host.strip("[]"), p
+        return False
 
 
-def check_reachable(endpoint: str, timeout: float = 3.0) -> None:
-    """Raise a one-line UserError when no RPC worker answers at ``endpoint`` (ggml would abort instead)."""
+def ggml_endpoint(endpoint: str) -> str:
+    """The ``a.b.c.d:port`` form ggml can use: it splits at the first colon and connects over IPv4 only, so a
+    host name is resolved here and an IPv6 address is refused with a clear message."""
     host, port = parse_endpoint(endpoint)
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise UserError(f"RPC worker {host}:{port} is unreachable ({e.strerror or e})",
-                        hint=f"start one there with `edge-mote rpc-worker --port {port}` (or ggml-rpc-server)") from None
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise UserError(f"cannot resolve RPC worker host '{host}' to an IPv4 address ({e.strerror})") from None
+        return f"{infos[0][4][0]}:{port}"
+    if ip.version == 6:
+        raise UserError(f"RPC worker {format_endpoint(host, port)}: llama.cpp's RPC client connects over IPv4 only",
+                        hint="the edge-mote CLI relays IPv6 workers (cluster inference runs through a local relay); "
+                             "in Python use edge_mote.cluster.call, or give the worker's IPv4 address")
+    return f"{host}:{port}"
 
 
 def connect(endpoints: Iterable[str]) -> list[str]:
-    """Check and register RPC workers so that llama.cpp can place layers on them."""
+    """Preflight and register RPC workers so that llama.cpp can place layers on them (in this order)."""
     from . import bindings as B
 
     out = []
     for ep in endpoints:
-        host, port = parse_endpoint(ep)
-        norm = f"{host}:{port}"
-        check_reachable(norm)
+        norm = ggml_endpoint(ep)
+        preflight(norm, PREFLIGHT_TIMEOUT)
         B.add_rpc_server(norm)
         out.append(norm)
     return out
@@ -66,9 +85,9 @@ def check_registered() -> None:
     ggml aborts the process if one is gone. (Registration cannot be undone within a process.)"""
     from . import bindings as B
 
-    for ep in sorted(B._rpc_registered):
+    for ep in sorted(B._rpc_registered):  # (bindings has no public accessor yet: reported to the lead)
         try:
-            check_reachable(ep, timeout=2.0)
+            preflight(ep, timeout=2.0)
         except UserError as e:
             raise UserError(f"{e} (it was connected earlier in this process, and llama.cpp cannot forget it)",
                             hint="restart that worker, or start a new process") from None
@@ -76,7 +95,8 @@ def check_registered() -> None:
 
 def worker_command(host: str = LOCAL_HOST, port: int = DEFAULT_PORT, threads: int | None = None,
                    device: str | None = None, cache: bool = False) -> list[str]:
-    """The ggml-rpc-server command line for a worker (built with the patch; the RPC protocol is unchanged)."""
+    """The ggml-rpc-server command line for a worker (built with the patch; the RPC protocol is unchanged).
+    ggml-rpc-server binds IPv4 addresses only; ``edge-mote worker`` puts a relay in front for other addresses."""
     from .native import tool
 
     cmd = [str(tool("ggml-rpc-server")), "-H", host, "-p", str(port)]

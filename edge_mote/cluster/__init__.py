@@ -1,0 +1,12 @@
+"""A home cluster on llama.cpp's RPC backend: workers (``worker``), cluster inference isolated behind a watchdog
+(``isolate``), a placement planner (``plan``) and the relay they share (``relay``).
+
+``call(fn, *args, rpc_servers=[...], **kwargs)`` is the entry point the CLI uses: without workers it is just
+``fn(*args, **kwargs)``.
+"""
+
+from __future__ import annotations
+
+from .isolate import call, health
+
+__all__ = ["call", "health"]
