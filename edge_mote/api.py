@@ -8,12 +8,13 @@ from pathlib import Path
 
 from .errors import UserError
 from .runtime.model import Completion, ModelInfo, load
+from .runtime.resolve import open_model
 from .steering import Steering
 
 
 def describe_model(model: str | os.PathLike, **load_kwargs) -> ModelInfo:
     """Load a model and return what edge-mote knows about it."""
-    with load(model, **load_kwargs) as m:
+    with open_model(model, **load_kwargs) as m:
         return m.info
 
 
@@ -47,14 +48,29 @@ def run_prompt(model: str | os.PathLike, prompt: str, *, steering: Steering | No
     """
     if not prompt:
         raise UserError("the prompt is empty")
-    with load(model, **load_kwargs) as m:
+    with open_model(model, **load_kwargs) as m:
         if profile is not None:
             m.use_profile(profile)
         used_profile = profile if profile not in (None, "none") else (m.info.default_profile if profile is None else None)
         if steering is not None:
             m.set_steering(m.steering | steering)
-        completion = m.generate(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        try:
+            completion = m.generate(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        except ValueError as e:  # llama-cpp-python: "Requested tokens (N) exceed context window of C"
+            raise _context_error(e, m.info) from None
         return RunResult(m.info, m.steering, used_profile, completion)
+
+
+def _context_error(e: ValueError, info: ModelInfo) -> Exception:
+    import re
+
+    found = re.search(r"Requested tokens \((\d+)\) exceed context window of (\d+)", str(e))
+    if found is None:
+        return e
+    n, ctx = int(found[1]), int(found[2])
+    hint = (f"raise --ctx (up to {info.n_ctx_train}, the model's training context) or shorten the prompt"
+            if info.n_ctx_train > ctx else "shorten the prompt: the context is already the model's training context")
+    return UserError(f"the prompt is {n} tokens: it does not fit the context of {ctx} tokens", hint=hint)
 
 
 # -- profiles -------------------------------------------------------------------------------------------------------
@@ -62,8 +78,9 @@ def run_prompt(model: str | os.PathLike, prompt: str, *, steering: Steering | No
 def list_profiles(model: str | os.PathLike) -> tuple[dict, str | None]:
     """The profiles stored in a GGUF (name -> Profile) and the default profile's name."""
     from .gguf_meta.profiles import read_profiles
+    from .runtime.resolve import resolve_model
 
-    return read_profiles(model)
+    return read_profiles(resolve_model(model))
 
 
 def steering_from_ranking(ranking, top: int, mode: str = "off", bias: float | None = None,
@@ -91,11 +108,15 @@ def steering_from_ranking(ranking, top: int, mode: str = "off", bias: float | No
 def add_profile(model: str | os.PathLike, out: str | os.PathLike, name: str, steering: Steering,
                 description: str = "", default: bool = False) -> Path:
     """Copy ``model`` to ``out`` with profile ``name`` added (or replaced); validated against the model's shape."""
+    from .fileio import check_output
     from .gguf_meta.profiles import Profile, check_profile_name, read_profiles, write_profiles
+    from .runtime.resolve import resolve_model
 
     check_profile_name(name)
     if not steering:
         raise UserError("the profile is empty: give experts to steer")
+    model = resolve_model(model)
+    check_output(out, inputs=[model])  # before loading and copying the model
     with load(model, n_ctx=64) as m:
         info = m.info
         if not info.is_moe:
@@ -109,8 +130,12 @@ def add_profile(model: str | os.PathLike, out: str | os.PathLike, name: str, ste
 
 def remove_profile(model: str | os.PathLike, out: str | os.PathLike, name: str) -> Path:
     """Copy ``model`` to ``out`` without profile ``name``."""
+    from .fileio import check_output
     from .gguf_meta.profiles import read_profiles, write_profiles
+    from .runtime.resolve import resolve_model
 
+    model = resolve_model(model)
+    check_output(out, inputs=[model])
     profiles, default = read_profiles(model)
     if name not in profiles:
         raise UserError(f"unknown profile '{name}' in {Path(model).name}",
@@ -150,7 +175,7 @@ def run_eval(model: str | os.PathLike, behavior: str | os.PathLike, control: str
     det = load_detector(detector)
     bset, cset = load_prompts(behavior), load_prompts(control)
     ranking, _ = scan_ranking(scan)
-    with load(model, **load_kwargs) as m:
+    with open_model(model, **load_kwargs) as m:
         if not m.info.is_moe:
             raise UserError(f"{Path(model).name} is not a Mixture-of-Experts model")
         check_scan_matches(scan, m.info)

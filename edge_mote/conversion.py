@@ -2,8 +2,9 @@
 
 The conversion runs llama.cpp's ``convert_hf_to_gguf.py`` (from a llama.cpp source tree, e.g. the
 one vendored in the llama-cpp-python sdist) in a subprocess with the current interpreter. The
-converter writes to a temporary file next to the destination, which is then moved into place with
-:func:`os.replace`, so the destination is either the complete new file or untouched.
+converter writes to a temporary file next to the destination (``edge_mote.fileio.atomic_output``),
+which is then fsync'd and moved into place, so the destination is either the complete new file or
+untouched.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
+
+from .fileio import atomic_output, check_output
 
 __all__ = ["OUTTYPES", "convert_hf_to_gguf"]
 
@@ -46,7 +49,9 @@ def _check_destination(hf_dir: Path, out_path: Path) -> None:
         raise ValueError(f"output path {out_path} would overwrite an input file of {hf_dir}")
 
 
-def convert_hf_to_gguf(hf_dir: Path, out_path: Path, llama_cpp_dir: Path, outtype: str = "f32") -> Path:
+def convert_hf_to_gguf(
+    hf_dir: Path, out_path: Path, llama_cpp_dir: Path, outtype: str = "f32", extra_args: Sequence[str] = ()
+) -> Path:
     """Convert the transformers folder ``hf_dir`` to the GGUF file ``out_path``.
 
     Runs ``<llama_cpp_dir>/convert_hf_to_gguf.py`` with :data:`sys.executable`, offline
@@ -60,6 +65,7 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, llama_cpp_dir: Path, outtyp
         llama_cpp_dir: root of a llama.cpp source tree (holds ``convert_hf_to_gguf.py`` and
             ``gguf-py``).
         outtype: converter ``--outtype`` (one of :data:`OUTTYPES`).
+        extra_args: further converter options (e.g. ``("--no-mtp",)``).
 
     Returns:
         ``out_path``.
@@ -83,35 +89,18 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, llama_cpp_dir: Path, outtyp
 
     out_dir = out_path.parent if str(out_path.parent) else Path(".")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Not created in advance (mkstemp would leave mode 0600): the converter creates it with the
-    # usual permissions. The random part keeps concurrent conversions apart.
-    tmp_path = out_dir / f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex}.partial.gguf"
+    check_output(out_path)  # a read-only folder fails now, not after the conversion
 
     env = dict(os.environ)
     env["HF_HUB_OFFLINE"] = "1"
     env["TRANSFORMERS_OFFLINE"] = "1"
     env.setdefault("PYTHONIOENCODING", "utf-8")
-    cmd = [
-        sys.executable,
-        str(script),
-        str(hf_dir),
-        "--outfile",
-        str(tmp_path),
-        "--outtype",
-        outtype,
-    ]
-    try:
-        proc = subprocess.run(
-            cmd,
-            cwd=str(llama_cpp_dir),
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-            check=False,
-        )
+    # the converter writes a temporary file next to the output (fileio.atomic_output: fsync'd, renamed into
+    # place with the umask's default mode, removed on failure, an OSError is a one-line UserError)
+    with atomic_output(out_path) as tmp_path:
+        cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp_path), "--outtype", outtype, *extra_args]
+        proc = subprocess.run(cmd, cwd=str(llama_cpp_dir), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, errors="replace", check=False)
         if proc.returncode != 0:
             last = _last_nonempty_line(proc.stderr) or _last_nonempty_line(proc.stdout) or "(no output)"
             raise RuntimeError(
@@ -119,8 +108,4 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, llama_cpp_dir: Path, outtyp
             )
         if not tmp_path.is_file() or tmp_path.stat().st_size == 0:
             raise RuntimeError(f"convert_hf_to_gguf.py wrote no output for {hf_dir}")
-        os.replace(tmp_path, out_path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
     return out_path

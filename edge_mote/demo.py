@@ -38,14 +38,35 @@ class DemoResult:
     seconds: dict[str, float]
 
 
+TRAINING_DEPS = ("torch", "transformers", "safetensors", "tokenizers")
+
+
+def organism_builder():
+    """``edge_mote.organism.train.build_organism``; without the optional training dependencies a one-line
+    UserError that says what to install."""
+    from .errors import UserError
+
+    try:
+        for name in TRAINING_DEPS:
+            __import__(name)
+        from .organism.train import build_organism
+    except ImportError as e:
+        missing = getattr(e, "name", None) or str(e)
+        raise UserError(f"edge-mote demo trains its model organism with PyTorch and transformers: {missing} is not "
+                        f"installed", hint="pip install 'edge-mote[convert]' (CPU-only PyTorch: pip install torch "
+                        "--index-url https://download.pytorch.org/whl/cpu), or run ./setup.sh") from None
+    return build_organism
+
+
 def run_demo(workdir: Path | None = None, *, tops=DEMO_TOP, profile_n: int = PROFILE_N, random_trials: int = 5,
              max_new: int = 16, progress: bool = True) -> DemoResult:
     from .api import add_profile, prepare_prompts, scan_ranking, steering_from_ranking
     from .evaluate.protocol import evaluate
     from .ftri.prompts import load_prompts, render
     from .ftri.scan import scan_and_write
-    from .organism.train import build_organism
     from .runtime.model import load
+
+    build_organism = organism_builder()
 
     workdir = Path(workdir or demo_dir())
     workdir.mkdir(parents=True, exist_ok=True)

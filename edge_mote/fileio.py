@@ -25,7 +25,8 @@ from .errors import UserError
 PathLike = str | os.PathLike
 
 
-def _umask_mode() -> int:
+def umask_mode() -> int:
+    """The mode ``open`` gives a new file under the current umask (0o666 & ~umask)."""
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
@@ -80,7 +81,7 @@ def atomic_output(out: PathLike, inputs: Sequence[PathLike] = (), mode: int | No
     out = check_output(out, inputs)
     if mode is None:
         src = next((Path(p) for p in inputs if p is not None and Path(p).is_file()), None)
-        mode = (src.stat().st_mode & 0o777) if src is not None else _umask_mode()
+        mode = (src.stat().st_mode & 0o777) if src is not None else umask_mode()
     try:
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
         os.close(fd)

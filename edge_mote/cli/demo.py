@@ -18,9 +18,10 @@ def demo(workdir, tops, random_trials, as_json):
     import sys
     from pathlib import Path
 
-    from ..demo import run_demo
+    from ..demo import organism_builder, run_demo
     from .eval import _ints, render_table
 
+    organism_builder()  # without the training dependencies: one line saying what to install, before anything else
     progress = not as_json and sys.stderr.isatty()
     if not as_json:
         click.echo("edge-mote demo: organism -> scan -> profile -> eval (the first run trains the organism, "

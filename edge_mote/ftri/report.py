@@ -36,8 +36,9 @@ Fields are only ever added within ``edge-mote.scan/1``: w1, w2, dw (and dw in th
 and files without them still load (their ranking was "rd desc, z desc, layer asc, expert asc"). Readers take the
 ranking from the order of ``ranking.entries``, never re-sort it.
 
-Every writer writes atomically (a temporary file in the same directory, then ``os.replace``) and refuses to write
-over one of the scan's inputs. :func:`load_scan` checks the schema and raises ``UserError`` on a bad file.
+Every writer writes through ``edge_mote.fileio.atomic_output`` (a temporary file in the same directory, fsync'd,
+then renamed; an ``OSError`` is a one-line ``UserError`` and leaves no partial file) and refuses to write over one
+of the scan's inputs. :func:`load_scan` checks the schema and raises ``UserError`` on a bad file.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import hashlib
 import html as _html
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,6 +54,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_output, same_file, umask_mode
 
 __all__ = ["SCHEMA", "EXPERT_FIELDS", "OPTIONAL_EXPERT_FIELDS", "RANKING_ORDER", "file_identity", "scan_document",
            "write_scan", "load_scan", "rd_grid", "heatmap_png", "heatmap_html"]
@@ -141,39 +142,14 @@ def scan_document(result: Any, *, top: int = 100, full_hash: bool = False) -> di
 
 
 def _atomic_write(path: str | os.PathLike, data: bytes, inputs: Sequence[str | os.PathLike] = ()) -> Path:
-    p = Path(path)
+    """Write ``data`` through ``fileio.atomic_output`` (never over an input; mode: the umask's default, as for any
+    new file -- a report is not a copy of its inputs)."""
     for i in inputs:
-        try:
-            same = p.resolve() == Path(i).resolve() or (p.exists() and os.path.samefile(p, i))
-        except OSError:
-            same = False
-        if same:
+        if i is not None and same_file(path, i):
             raise UserError(f"{path} is an input of the scan; refusing to overwrite it")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {path}: directory {parent} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise UserError(f"cannot write {path}: {e.strerror}") from None
-        raise
-    return p
+    with atomic_output(path, mode=umask_mode()) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def _doc(scan: Any) -> dict[str, Any]:
@@ -266,9 +242,20 @@ def rd_grid(doc: dict[str, Any]) -> tuple[list[int], int, np.ndarray]:
 def _title(doc: dict[str, Any]) -> str:
     m, s, w = doc["model"], doc["sets"], doc["window"]
     label = m.get("name") or Path(m["path"]).name
-    return (f"{label} ({m['arch']}): risk difference, {w['tokens']} window — "
+    return (f"{label} ({m['arch']}) — risk difference, {w['tokens']} window — "
             f"{Path(s['behavior']['path']).name} ({s['behavior']['n_prompts']}) vs "
             f"{Path(s['control']['path']).name} ({s['control']['n_prompts']})")
+
+
+def _wrap_title(title: str, width_px: float, fontsize: float) -> str:
+    """``title`` broken into lines that fit ``width_px`` (at ~0.6 em per character), first at " — "."""
+    import textwrap
+
+    chars = max(20, int(width_px * 0.9 / (fontsize * 100 / 72 * 0.6)))
+    lines = []
+    for part in title.split(" — "):
+        lines += textwrap.wrap(part, chars, break_on_hyphens=False) or [""]
+    return "\n".join(lines)
 
 
 def heatmap_png(scan: Any, path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike] = (),
@@ -307,11 +294,13 @@ def heatmap_png(scan: Any, path: str | os.PathLike, *, inputs: Sequence[str | os
         ax.set_xticks(range(0, n_expert, xstep))
         ax.set_xlabel("expert" + (f"   (circled: the top {len(marks)}, by rank)" if marks else ""))
         ax.set_ylabel("layer")
-        ax.set_title(_title(doc), fontsize=9)
+        # the title is long (model, window, both prompt sets): wrapped to the figure's width, and the saved
+        # image grown to whatever the text needs, so that it is never clipped
+        ax.set_title(_wrap_title(_title(doc), width * fig.dpi, fontsize=9), fontsize=9)
         fig.colorbar(im, ax=ax, label="risk difference p1 − p2", fraction=0.04, pad=0.02)
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.15)
     finally:
         plt.close(fig)
     return _atomic_write(path, buf.getvalue(), [*inputs, doc["model"]["path"]])

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import check_output, same_file
 from .prompts import ChatTemplate, PromptItem, PromptSet, load_prompts, render
 from .stats import ExpertStats, Stability, bootstrap_stability, expert_stats, ranking
 
@@ -251,13 +252,6 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
         tokens_evaluated=state["evaluated"])
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def _check_outputs(outputs: Sequence[tuple[str, str | os.PathLike | None]],
                    inputs: Sequence[str | os.PathLike]) -> None:
     """Refuse outputs that would overwrite an input or each other, or whose directory does not exist."""
@@ -267,16 +261,12 @@ def _check_outputs(outputs: Sequence[tuple[str, str | os.PathLike | None]],
             continue
         p = Path(out)
         for i in inputs:
-            if _same_file(p, Path(i)):
+            if same_file(p, Path(i)):
                 raise UserError(f"the {what} output {out} is an input file; refusing to overwrite it")
         for other_what, other in seen:
-            if _same_file(p, other):
+            if same_file(p, other):
                 raise UserError(f"the {what} and {other_what} outputs are the same file: {out}")
-        if p.is_dir():
-            raise UserError(f"the {what} output {out} is a directory")
-        parent = p.parent if str(p.parent) else Path(".")
-        if not parent.is_dir():
-            raise UserError(f"cannot write {out}: directory {parent} does not exist")
+        check_output(p)  # a folder, a missing or read-only output folder: before the scan, not after it
         seen.append((what, p))
 
 
@@ -287,14 +277,15 @@ def scan_and_write(model: str | os.PathLike, behavior: str | os.PathLike, contro
                    **load_kwargs: Any) -> ScanResult:
     """What ``edge-mote scan`` does: check the outputs, read both prompt sets (before loading the model), scan,
     and write scan.json (atomically) and the optional PNG and HTML heatmaps."""
-    from ..runtime.model import load
+    from ..runtime.resolve import open_model, resolve_model
     from . import report
 
+    model = resolve_model(model)
     _check_outputs([("scan", out), ("heatmap", heatmap), ("html", html)], [model, behavior, control])
     if tokens not in WINDOWS:
         raise UserError(f"unknown token window '{tokens}'", hint=f"choose one of {', '.join(WINDOWS)}")
     bset, cset = load_prompts(behavior), load_prompts(control)
-    with load(model, **load_kwargs) as m:
+    with open_model(model, **load_kwargs) as m:
         m._require_moe()
         result = run_scan(m, bset, cset, tokens=tokens, max_new=max_new, raw=raw, progress=progress,
                           n_boot=n_boot, seed=seed)

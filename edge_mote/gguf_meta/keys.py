@@ -57,5 +57,6 @@ def arch_key(arch: str, suffix: str) -> str:
 
 
 EXPERT_COUNT = "expert_count"
+CONTEXT_LENGTH = "context_length"
 EXPERT_USED_COUNT = "expert_used_count"
 BLOCK_COUNT = "block_count"

@@ -139,6 +139,8 @@ def profile_metadata(profiles: Mapping[str, Profile], default: str | None) -> li
 
     if default is not None and default not in profiles:
         raise UserError(f"unknown profile '{default}'", hint="choose one of: " + ", ".join(profiles) if profiles else None)
+    if not profiles:  # no edge-mote keys at all (GGUF has no empty arrays: gguf-py refuses to write one)
+        return []
     out: list[tuple[str, object, object, object]] = [(K.VERSION, K.SCHEMA_VERSION, T.UINT32, None)]
     out.append((K.PROFILES, list(profiles), T.ARRAY, T.STRING))
     if default is not None:

@@ -133,6 +133,27 @@ def _check_local_split(p: Path) -> None:
                         hint="all parts must be in the same folder")
 
 
+def open_model(spec: str | os.PathLike, **load_kwargs):
+    """``edge_mote.load`` as the commands use it: ``spec`` resolved (``resolve_model``), ``n_ctx`` checked against
+    the context the model was trained with before llama.cpp allocates it (None or the default 2048: capped at the
+    training context), and a chat template that does not compile a one-line error."""
+    from ..gguf_meta.header import check_context
+    from .model import load
+
+    path = resolve_model(spec)
+    load_kwargs["n_ctx"] = check_context(path, load_kwargs.get("n_ctx"))
+    try:
+        return load(path, **load_kwargs)
+    except Exception as e:
+        # llama-cpp-python compiles every tokenizer.chat_template* with jinja2 while loading
+        if type(e).__module__.split(".")[0] != "jinja2":
+            raise
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"{path.name}: the chat template failed to compile: {type(e).__name__}: {why}",
+                        hint="the GGUF's tokenizer.chat_template is broken (llama-cpp-python compiles it when "
+                             "loading): fix it, e.g. with gguf-py's gguf_new_metadata.py") from None
+
+
 # -- the Hub ----------------------------------------------------------------------------------------------------
 
 def _hub():
