@@ -57,8 +57,16 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.UsageError as e:  # bad command line: one line and where to look, exit 2
+        ctx = e.ctx
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:  # a bare group: its help, as click does
+            click.echo(ctx.get_help())
+            return 0
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
+        click.echo(f"hint: {ctx.command_path if ctx else 'edge-mote'} --help", err=True)
+        return 2
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code
@@ -78,6 +86,10 @@ def main(argv=None) -> int:
         click.echo(f"error: internal error: {type(e).__name__}: {e}", err=True)
         click.echo("hint: rerun with EDGE_MOTE_DEBUG=1 for a traceback", err=True)
         return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
 
 def entry() -> None:
