@@ -14,6 +14,7 @@ pip_install --upgrade pip
 # CPU PyTorch, pinned: an unpinned `torch` pulls a multi-GB CUDA build
 pip_install "torch==${EDGE_MOTE_TORCH:-2.13.0}"
 pip_install scikit-build-core diskcache jinja2 typing-extensions numpy
-"$VENV/bin/python" native/build.py --with-stock "$@"
+# the unpatched llama.cpp the tests compare against is built by the tests when they first need it (cached)
+"$VENV/bin/python" native/build.py "$@"
 pip_install -e ".[dev]"
 echo "edge-mote is ready: $VENV/bin/edge-mote --help"

@@ -3,6 +3,7 @@
 
     python native/build.py [--cuda] [--cuda-arch 90] [--jobs N] [--force]
     python native/build.py --with-stock       # also build an unpatched libllama (tests prove stock llama.cpp loads our files)
+    python native/build.py --stock-only       # only that (the tests run it the first time they need it; cached)
     python native/build.py --cuda-objects     # compile the CUDA sources the patch relies on (no GPU needed)
 
 Steps (each skipped when its result is cached):
@@ -196,15 +197,24 @@ def stock_root(sha256: str, opts: list[str]) -> Path:
 
 
 def build_stock(sdist: Path, sha256: str, opts: list[str], jobs: int, force: bool) -> Path:
-    """An unpatched libllama from the same sdist (only the libraries), for tests that compare with stock llama.cpp."""
+    """An unpatched libllama from the same sdist (only the libraries), for tests that compare with stock llama.cpp.
+
+    Built once per sdist and CMake options; a file lock makes concurrent callers (two test runs) wait for one build."""
+    import fcntl
+
     root = stock_root(sha256, opts)
     bindir = root / "cmake-build" / "bin"
-    if force or not (root / "stamp").exists():
-        unpack_and_patch(sdist, root / "src", patches=False)
-        vendor = root / "src" / "vendor" / "llama.cpp"
-        run(["cmake", "-S", REPO, "-B", root / "cmake-build", *generator(), f"-DEDGE_MOTE_LLAMA_CPP_DIR={vendor}", *opts])
-        run(["cmake", "--build", root / "cmake-build", "--parallel", str(jobs), "--target", "llama", "ggml"])
-        (root / "stamp").write_text("stock")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if force or not (root / "stamp").exists():
+            t0 = time.time()
+            unpack_and_patch(sdist, root / "src", patches=False)
+            vendor = root / "src" / "vendor" / "llama.cpp"
+            run(["cmake", "-S", REPO, "-B", root / "cmake-build", *generator(), f"-DEDGE_MOTE_LLAMA_CPP_DIR={vendor}", *opts])
+            run(["cmake", "--build", root / "cmake-build", "--parallel", str(jobs), "--target", "llama", "ggml"])
+            (root / "stamp").write_text("stock")
+            log(f"built the stock libllama in {time.time() - t0:.0f} s: {bindir}")
     return bindir
 
 
@@ -305,10 +315,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-install", action="store_true", help="build only")
     ap.add_argument("--with-stock", action="store_true",
                     help="also build an unpatched libllama from the same sdist (used by the tests)")
+    ap.add_argument("--stock-only", action="store_true",
+                    help="only build (once, cached) the unpatched libllama and record it next to the installed "
+                         "patched one; the tests run this the first time they need it")
     args = ap.parse_args(argv)
 
     version, sha256 = read_pin()
     sdist = fetch_sdist(version, sha256)
+    if args.stock_only:
+        opts = cmake_options(args)
+        bindir = build_stock(sdist, sha256, opts, args.jobs, args.force)
+        record_stock(bindir)
+        log(f"stock libllama: {bindir}" + ("" if installed_manifest() else " (no patched install to record it in)"))
+        return 0
     if args.cuda_objects:
         arch = "90" if args.cuda_arch == "native" else args.cuda_arch
         root = cache_root() / f"cuda-objects-{tree_key(sha256, [arch])}"

@@ -31,6 +31,31 @@ def native():
 
 
 @pytest.fixture(scope="session")
+def stock_lib_dir(native, request) -> Path:
+    """The unpatched libllama of the same sdist, for tests that compare with stock llama.cpp. Not part of a user's
+    set-up: built the first time a test needs it (`native/build.py --stock-only`, ~3 minutes on 2 cores), then cached
+    in $EDGE_MOTE_CACHE and recorded next to the installed patched build."""
+    import subprocess
+    import sys
+
+    d = native.stock_lib_dir()
+    if d is None:
+        tr = request.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line("building the unpatched libllama the stock-compatibility tests compare against "
+                          "(once, cached; ~3 minutes on 2 cores) ...")
+        res = subprocess.run([sys.executable, str(REPO / "native" / "build.py"), "--stock-only"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.fail("building the stock libllama failed: " + (res.stderr or res.stdout)[-3000:])
+        native.manifest.cache_clear()
+        d = native.stock_lib_dir()
+        if d is None:
+            pytest.fail("native/build.py --stock-only did not record a stock libllama: " + res.stdout[-2000:])
+    return d
+
+
+@pytest.fixture(scope="session")
 def vendor_dir(native) -> Path:
     return native.vendored_llama_cpp()
 

@@ -60,10 +60,8 @@ def graph(gguf, env_lib=None, steer="none"):
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "deepseekv3", "gptoss"])
-def test_unsteered_graph_is_the_stock_graph(arch, tiny_model, native):
-    stock_dir = native.stock_lib_dir()
-    if stock_dir is None:
-        pytest.fail("no stock libllama: the set-up builds it with `native/build.py --with-stock`")
+def test_unsteered_graph_is_the_stock_graph(arch, tiny_model, stock_lib_dir):
+    stock_dir = stock_lib_dir
     gguf = tiny_model(arch)[1]
     stock, plain, steered = graph(gguf, stock_dir), graph(gguf), graph(gguf, steer="off")
     assert not stock["patched"] and plain["patched"]

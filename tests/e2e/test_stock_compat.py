@@ -1,6 +1,6 @@
 """Files carrying edge-mote metadata load in stock (unpatched) llama.cpp, and the patch changes nothing unsteered.
 
-The stock libllama is built from the same sdist without the patch by the set-up (`native/build.py --with-stock`)
+The stock libllama is built from the same sdist without the patch when a test first needs it (`native/build.py --stock-only`)
 and loaded in a subprocess through llama-cpp-python's LLAMA_CPP_LIB_PATH.
 """
 
@@ -31,11 +31,8 @@ np.save(sys.argv[2], np.array(llm.scores[: len(toks)], dtype=np.float32))
 
 
 @pytest.fixture(scope="module")
-def stock_dir(native):
-    d = native.stock_lib_dir()
-    if d is None:
-        pytest.fail("no stock libllama: the set-up builds it with `native/build.py --with-stock`")
-    return d
+def stock_dir(stock_lib_dir):
+    return stock_lib_dir  # built on first use (tests/conftest.py)
 
 
 def run_stock(stock_dir, gguf, tokens, tmp_path):
