@@ -21,6 +21,7 @@ COMMANDS = {
     "rpc-worker": ("edge_mote.cli.rpc_worker", "rpc_worker", "Old name of `worker`."),
     "worker": ("edge_mote.cli.worker", "worker",
                "Run an RPC worker (loopback by default) so another machine can place layers here."),
+    "cluster": ("edge_mote.cli.cluster", "cluster", "Home cluster: plan the layer split over RPC workers."),
     "run": ("edge_mote.cli.run", "run", "Generate text with optional expert steering (OFF/DROP/ON/bias, profiles)."),
 }
 

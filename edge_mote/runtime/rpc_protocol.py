@@ -36,6 +36,7 @@ HELLO_RSP_SIZE = 4 + CONN_CAPS_SIZE
 
 # ggml enums used by the compute benchmark (ggml.h)
 GGML_TYPE_F32 = 0
+GGML_TENSOR_FLAG_COMPUTE = 16  # a graph node without it is skipped
 GGML_OP_NONE, GGML_OP_MUL_MAT = 0, 29
 GGML_MAX_DIMS, GGML_MAX_SRC, GGML_MAX_OP_PARAMS, GGML_MAX_NAME = 4, 10, 64, 64
 
@@ -149,14 +150,16 @@ class Conn:
 
 
 def pack_tensor(tid: int, ne, *, buffer: int = 0, data: int = 0, op: int = GGML_OP_NONE, src=(),
-                ggml_type: int = GGML_TYPE_F32, name: str = "") -> bytes:
-    """An f32 rpc_tensor (contiguous strides)."""
+                ggml_type: int = GGML_TYPE_F32, name: str = "", flags: int | None = None) -> bytes:
+    """An f32 rpc_tensor (contiguous strides); an op result gets the COMPUTE flag unless ``flags`` says otherwise."""
+    if flags is None:
+        flags = GGML_TENSOR_FLAG_COMPUTE if op != GGML_OP_NONE else 0
     ne = list(ne) + [1] * (GGML_MAX_DIMS - len(ne))
     nb = [4]
     for i in range(1, GGML_MAX_DIMS):
         nb.append(nb[-1] * ne[i - 1])
     srcs = list(src) + [0] * (GGML_MAX_SRC - len(src))
-    return TENSOR_STRUCT.pack(tid, ggml_type, buffer, *ne, *nb, op, *([0] * 16), 0, *srcs, 0, 0, data,
+    return TENSOR_STRUCT.pack(tid, ggml_type, buffer, *ne, *nb, op, *([0] * 16), flags, *srcs, 0, 0, data,
                         name.encode()[:GGML_MAX_NAME - 1], 0)
 
 

@@ -166,3 +166,60 @@ def edge_mote(*args: str, env: dict | None = None, timeout: float = 300) -> subp
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+class NetNS:
+    """A network namespace joined to this one by a veth pair (10.213.N.1 here, 10.213.N.2 there), with an optional
+    rate limit (``tc tbf``, both directions). This kernel has no netem: latency comes from a delay relay
+    (``edge_mote.cluster.relay.Relay`` route with ``delay``, ``frames=False``), see ``emulated_link``."""
+
+    def __init__(self, index: int, rate_mbit: float | None = None):
+        self.name = f"emtest{os.getpid() % 10000}x{index}"
+        self.dev = f"emv{os.getpid() % 10000}x{index}"
+        self.host_ip, self.ns_ip = f"10.213.{index}.1", f"10.213.{index}.2"
+        peer = self.dev + "p"
+        self._run("ip", "netns", "add", self.name)
+        try:
+            self._run("ip", "link", "add", self.dev, "type", "veth", "peer", "name", peer)
+            self._run("ip", "link", "set", peer, "netns", self.name)
+            self._run("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.dev)
+            self._run("ip", "link", "set", self.dev, "up")
+            self._ns("ip", "addr", "add", f"{self.ns_ip}/24", "dev", peer)
+            self._ns("ip", "link", "set", peer, "up")
+            self._ns("ip", "link", "set", "lo", "up")
+            if rate_mbit:
+                tbf = ["tbf", "rate", f"{rate_mbit}mbit", "burst", "64kb", "latency", "500ms"]
+                self._run("tc", "qdisc", "add", "dev", self.dev, "root", *tbf)
+                self._ns("tc", "qdisc", "add", "dev", peer, "root", *tbf)
+        except Exception:
+            self.close()
+            raise
+
+    @staticmethod
+    def available() -> str | None:
+        """None when namespaces can be made here, else the reason."""
+        if os.geteuid() != 0:
+            return "network namespaces need root"
+        r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        if r.returncode != 0:
+            return f"ip netns unavailable: {r.stderr.strip()}"
+        if subprocess.run(["tc", "-V"], capture_output=True).returncode != 0:
+            return "tc (iproute2) unavailable"
+        return None
+
+    @staticmethod
+    def _run(*cmd):
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    def _ns(self, *cmd):
+        self._run("ip", "netns", "exec", self.name, *cmd)
+
+    def close(self):
+        subprocess.run(["ip", "link", "del", self.dev], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+def emulated_link(relay, target: tuple[str, int], rtt_ms: float) -> str:
+    """A loopback endpoint that reaches ``target`` with ``rtt_ms`` of added round-trip latency."""
+    route = relay.add_route(f"link-{target[0]}:{target[1]}", target, frames=False, delay=rtt_ms / 2e3)
+    return f"127.0.0.1:{route.address[1]}"
