@@ -48,6 +48,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .routers import NEG_INF as _NEG_INF
+from .routers import POS_INF as _POS_INF
+from .routers import ROUTER_SPECS, spec_forward, stock_ids_weights
+from .routers import LayerRecord as _LayerRecord
+from .routers import LayerSteer as _LayerSteer
+from .routers import check_selection as _check_selection
+from .routers import force_selection as _force_selection
+from .routers import safe_normalise as _safe_normalise
+from .routers import selection_gap as _gap
+from .routers import steer_logits as _steer_logits
+
 __all__ = [
     "DEFAULT",
     "OFF",
@@ -74,11 +85,10 @@ ROUTER_CLASSES: Final[dict[str, str]] = {
     "OlmoeTopKRouter": "softmax",
     "MixtralTopKRouter": "mixtral",
     "DeepseekV3TopkRouter": "deepseek",
+    "Glm4MoeTopkRouter": "deepseek",  # same routing code as DeepSeek-V3
+    "Dots1TopkRouter": "deepseek",
     "GptOssTopKRouter": "gptoss",
 }
-
-_NEG_INF: Final[float] = float("-inf")
-_POS_INF: Final[float] = float("inf")
 
 
 def load_reference_model(hf_dir: Path) -> torch.nn.Module:
@@ -100,8 +110,8 @@ def router_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
     layers = model.model.layers  # type: ignore[union-attr]
     out: dict[int, torch.nn.Module] = {}
     for il, layer in enumerate(layers):
-        for child in layer.mlp.children():
-            if type(child).__name__ in ROUTER_CLASSES:
+        for child in layer.modules():
+            if type(child).__name__ in ROUTER_CLASSES or type(child).__name__ in ROUTER_SPECS:
                 out[il] = child
                 break
     if not out:
@@ -116,65 +126,6 @@ def moe_shape(model: torch.nn.Module) -> tuple[int, int]:
     if len(n_expert) != 1:
         raise ValueError(f"MoE layers disagree on the expert count: {sorted(n_expert)}")
     return len(model.model.layers), n_expert.pop()  # type: ignore[union-attr]
-
-
-@dataclass
-class _LayerSteer:
-    """Steering of one MoE layer as torch tensors (``None`` means: record only, no steering)."""
-
-    off: torch.Tensor  # bool [n_expert]
-    on: torch.Tensor  # bool [n_expert]
-    drop: torch.Tensor  # bool [n_expert]
-    bias: torch.Tensor  # float32 [n_expert]
-    margin: float
-
-
-@dataclass
-class _LayerRecord:
-    """What a patched router saw and chose in one forward pass."""
-
-    ids: list[torch.Tensor] = field(default_factory=list)
-    weights: list[torch.Tensor] = field(default_factory=list)
-    gaps: list[float] = field(default_factory=list)  # in the space top-k is taken in
-    log_gaps: list[float] = field(default_factory=list)  # softmax archs: between logits
-
-
-def _steer_logits(logits: torch.Tensor, s: _LayerSteer) -> torch.Tensor:
-    """Apply bias, OFF and ON to router logits [n_tokens, n_expert] (identity for no steering)."""
-    x = logits + s.bias.to(logits.dtype)
-    x = torch.where(s.off, torch.full_like(x, _NEG_INF), x)
-    if bool(s.on.any()):
-        row_max = x.max(dim=-1, keepdim=True).values + s.margin
-        x = torch.where(s.on, row_max.expand_as(x), x)
-    return x
-
-
-def _force_selection(score: torch.Tensor, s: _LayerSteer) -> torch.Tensor:
-    """Selection score with OFF experts at -inf and ON experts at +inf."""
-    score = torch.where(s.off, torch.full_like(score, _NEG_INF), score)
-    return torch.where(s.on, torch.full_like(score, _POS_INF), score)
-
-
-def _check_selection(sel: torch.Tensor, idx: torch.Tensor) -> None:
-    """Raise if a selected expert was not selectable (steering left fewer than k candidates)."""
-    if bool(torch.isneginf(sel.gather(1, idx)).any()):
-        raise ValueError("steering leaves fewer than k selectable experts for some token")
-
-
-def _gap(sel: torch.Tensor, k: int) -> float:
-    """Smallest gap between the k-th and (k+1)-th selection score over the tokens."""
-    if sel.shape[-1] <= k:
-        return _POS_INF
-    top = torch.topk(sel, k + 1, dim=-1).values
-    gaps = top[:, k - 1] - top[:, k]
-    gaps = torch.where(torch.isnan(gaps), torch.full_like(gaps, _POS_INF), gaps)
-    return float(gaps.min()) if gaps.numel() else _POS_INF
-
-
-def _safe_normalise(w: torch.Tensor) -> torch.Tensor:
-    """``w / w.sum(-1)`` with all-zero rows kept at zero (identical to the plain division otherwise)."""
-    denom = w.sum(dim=-1, keepdim=True)
-    return torch.where(denom > 0, w / denom, torch.zeros_like(w))
 
 
 def _softmax_router_forward(family: str, s: _LayerSteer, rec: _LayerRecord) -> Callable[..., Any]:
@@ -271,6 +222,8 @@ def _gptoss_router_forward(s: _LayerSteer, rec: _LayerRecord) -> Callable[..., A
 
 def _make_forward(router: torch.nn.Module, s: _LayerSteer, rec: _LayerRecord) -> Callable[..., Any]:
     """Select the re-implemented forward for ``router``'s class."""
+    if type(router).__name__ in ROUTER_SPECS:
+        return spec_forward(ROUTER_SPECS[type(router).__name__], s, rec)
     family = ROUTER_CLASSES[type(router).__name__]
     if family in ("softmax", "mixtral"):
         return _softmax_router_forward(family, s, rec)
@@ -305,7 +258,7 @@ def _layer_steers(
         on = row == ON
         if int(on.sum()) > int(router.top_k):
             raise ValueError(f"layer {il}: {int(on.sum())} experts ON but only top-{router.top_k} are selected")
-        if ROUTER_CLASSES[type(router).__name__] == "deepseek":
+        if ROUTER_CLASSES.get(type(router).__name__) == "deepseek":
             groups_on = int(on.view(router.num_group, -1).any(dim=-1).sum())
             if groups_on > int(router.topk_group):
                 raise ValueError(f"layer {il}: ON experts span {groups_on} groups > topk_group {router.topk_group}")
@@ -440,7 +393,8 @@ def _stock_routing(
             raise RuntimeError(f"layer {il}: router forward is already patched")
 
         def hook(_mod: torch.nn.Module, _inp: Any, out: Any, il: int = il) -> None:
-            captured[il] = (out[2].detach().clone(), out[1].detach().clone())
+            ids, weights = stock_ids_weights(_mod, out)
+            captured[il] = (ids.detach().clone(), weights.detach().clone())
 
         handles.append(router.register_forward_hook(hook))
     try:

@@ -1,0 +1,7 @@
+"""Oracle tests on the sigmoid-router architectures with a selection bias: GLM-4.5/4.6 (glm4moe), dots.llm1.
+The tests are in suite.py."""
+
+from .conftest import make_pair_fixture
+from .suite import *  # noqa: F403
+
+pair = make_pair_fixture(("glm4moe", "dots1"))
