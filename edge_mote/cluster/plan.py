@@ -38,7 +38,7 @@ from ..runtime import rpc_protocol as P
 
 MIB = 1 << 20
 OPS_PER_WEIGHT = 3.0        # graph nodes per weight tensor of a layer (matmul + norm/rope/add/act around it)
-COMPUTE_RESERVE = 256 * MIB  # compute buffers etc. per node, on top of weights and KV cache
+COMPUTE_RESERVE = 64 * MIB   # compute buffers etc. per node, on top of weights and KV cache (+ logits on the output node)
 MEMORY_HEADROOM = 0.9        # use at most this share of a node's free memory
 
 
@@ -58,9 +58,14 @@ class ModelProfile:
     embd_bytes: int
     weight_type: int                   # the ggml type of most weight bytes
     n_ctx: int
+    n_ubatch: int = 512                # the output node holds the logits of a micro-batch
+
+    @property
+    def output_node_bytes(self) -> int:
+        return self.output_bytes + 4 * self.n_vocab * self.n_ubatch
 
 
-def model_profile(path: str | os.PathLike, n_ctx: int = 2048) -> ModelProfile:
+def model_profile(path: str | os.PathLike, n_ctx: int = 2048, n_batch: int = 512) -> ModelProfile:
     import gguf
 
     from ..gguf_meta.profiles import check_gguf_header
@@ -112,7 +117,7 @@ def model_profile(path: str | os.PathLike, n_ctx: int = 2048) -> ModelProfile:
     kv = n_ctx * n_head_kv * (k_len + v_len) * 2  # f16 K and V
     return ModelProfile(str(path), n_layer, n_embd, n_vocab, tuple(layer_bytes), tuple(touched),
                         tuple(int(OPS_PER_WEIGHT * w) for w in n_weights), kv, out_bytes, embd_bytes,
-                        max(by_type, key=by_type.get) if by_type else 0, n_ctx)
+                        max(by_type, key=by_type.get) if by_type else 0, n_ctx, min(n_batch, 512))
 
 
 # -- the nodes -----------------------------------------------------------------------------------------------------
@@ -164,13 +169,14 @@ def _timed_recompute(c: P.Conn, sync_tensor: bytes, sync_size: int, reps: int, r
     return max((time.perf_counter() - t0 - rtt) / reps, 1e-7)
 
 
-def measure_node(endpoint: str, weight_type: int = 0, *, matrix_bytes: int = 32 * MIB, probe_bytes: int = 2 * MIB,
-                 name: str | None = None, timeout: float = 30.0) -> NodeProfile:
-    """Benchmark one worker through the RPC protocol (it must be idle: a worker serves one client at a time)."""
+def measure_node(endpoint: str, weight_type: int = 0, *, n_embd: int = 4096, matrix_bytes: int = 32 * MIB,
+                 probe_bytes: int = 2 * MIB, name: str | None = None, timeout: float = 30.0) -> NodeProfile:
+    """Benchmark one worker through the RPC protocol (it must be idle: a worker serves one client at a time).
+    The matrix has the model's row length (``n_embd``) and weight type."""
     info = P.preflight(endpoint, 5.0)
     host, port = P.parse_endpoint(endpoint)
     block, tsize = _type_geometry(weight_type)
-    k = 4096 if 4096 % block == 0 else block * 16
+    k = max(block, n_embd // block * block)
     rows = max(1, matrix_bytes // (tsize * k // block))
     try:
         with P.Conn(host, port, timeout) as c:
@@ -205,7 +211,7 @@ def measure_node(endpoint: str, weight_type: int = 0, *, matrix_bytes: int = 32 
             c.send(P.GRAPH_COMPUTE, _graph([3], [w, x, y]))
             c.get_tensor(y, 4 * rows)
             reps = 8
-            t_mv = min(_timed_recompute(c, y, 4 * rows, reps, rtt) for _ in range(3))
+            t_mv = statistics.median(_timed_recompute(c, y, 4 * rows, reps, rtt) for _ in range(5))
             # op cost: 32 tiny matrix-vector products in one graph (their compute is negligible)
             small = base + w_bytes + 4 * k + 4 * rows + probe_bytes
             tensors = [P.pack_tensor(100, (64, 16), buffer=ptr, data=base),
@@ -217,7 +223,7 @@ def measure_node(endpoint: str, weight_type: int = 0, *, matrix_bytes: int = 32 
             c.send(P.GRAPH_COMPUTE, _graph(nodes, tensors))
             sync = P.pack_tensor(nodes[-1], (16,), buffer=ptr, data=small + 256 + 64 * 31)
             c.get_tensor(sync, 64)
-            t_chain = min(_timed_recompute(c, sync, 64, reps, rtt) for _ in range(3))
+            t_chain = statistics.median(_timed_recompute(c, sync, 64, reps, rtt) for _ in range(5))
             c.free_buffer(ptr)
     except (OSError, P.ProtocolError) as e:
         raise P.hello_error(info.endpoint, e, timeout) from None
@@ -236,7 +242,7 @@ def _local_free() -> int:
     return 8 << 30
 
 
-def measure_local(weight_type: int, threads: int | None = None) -> NodeProfile:
+def measure_local(weight_type: int, threads: int | None = None, n_embd: int = 4096) -> NodeProfile:
     """The client's CPU, measured like a worker: a temporary ggml-rpc-server on loopback (then stopped)."""
     from ..runtime.rpc import worker_command
 
@@ -255,7 +261,7 @@ def measure_local(weight_type: int, threads: int | None = None) -> NodeProfile:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise EdgeMoteError("could not start a loopback worker to measure this machine")
                 time.sleep(0.1)
-        node = measure_node(f"127.0.0.1:{port}", weight_type, name="local")
+        node = measure_node(f"127.0.0.1:{port}", weight_type, n_embd=n_embd, name="local")
     finally:
         proc.terminate()
         proc.wait()
@@ -285,6 +291,7 @@ class Plan:
     assignments: tuple[Assignment, ...]
     nodes: tuple[NodeProfile, ...] = field(repr=False)
     kind: str = "auto"
+    calibration: float = 1.0          # measured / benchmark-predicted local decode time (scales all compute)
 
     def load_kwargs(self) -> dict:
         return {"tensor_split": list(self.tensor_split), "n_gpu_layers": self.n_gpu_layers}
@@ -313,7 +320,7 @@ def _evaluate(m: ModelProfile, local: NodeProfile, order: Sequence[NodeProfile],
         is_out = node is holder
         if is_out:
             comp += m.output_bytes / node.bytes_per_s + 4 * node.op_s
-            mem += m.output_bytes
+            mem += m.output_node_bytes
         if node is local:
             mem += m.embd_bytes
         net = 0.0
@@ -330,14 +337,14 @@ def _evaluate(m: ModelProfile, local: NodeProfile, order: Sequence[NodeProfile],
 
 def _fits(m: ModelProfile, node: NodeProfile, layers: int, start: int, output: bool, local: bool) -> bool:
     mem = sum(m.layer_bytes[start: start + layers]) + m.kv_bytes_per_layer * layers + COMPUTE_RESERVE
-    mem += m.output_bytes if output else 0
+    mem += m.output_node_bytes if output else 0
     mem += m.embd_bytes if local else 0
     return mem <= node.free * MEMORY_HEADROOM
 
 
 def _capacity(m: ModelProfile, node: NodeProfile, output: bool, local: bool) -> int:
     per = (sum(m.layer_bytes) / max(m.n_layer, 1)) + m.kv_bytes_per_layer
-    room = node.free * MEMORY_HEADROOM - COMPUTE_RESERVE - (m.output_bytes if output else 0) \
+    room = node.free * MEMORY_HEADROOM - COMPUTE_RESERVE - (m.output_node_bytes if output else 0) \
         - (m.embd_bytes if local else 0)
     return max(0, min(m.n_layer, int(room // per))) if per > 0 else m.n_layer
 
@@ -401,23 +408,52 @@ def even_plan(m: ModelProfile, local: NodeProfile, workers: Sequence[NodeProfile
     return _plan(m, local, list(workers), counts, 0, t, assign, "even")
 
 
-def measure_cluster(model: str | os.PathLike, endpoints: Sequence[str], *, n_ctx: int = 2048,
+def measure_cluster(model: str | os.PathLike, endpoints: Sequence[str], *, n_ctx: int = 2048, n_batch: int = 512,
                     n_threads: int | None = None, progress=None) -> tuple[ModelProfile, NodeProfile, list[NodeProfile]]:
-    m = model_profile(model, n_ctx)
-    local = measure_local(m.weight_type, n_threads)
+    m = model_profile(model, n_ctx, n_batch)
+    local = measure_local(m.weight_type, n_threads, m.n_embd)
     workers = []
     for ep in endpoints:
         if progress:
             progress(ep)
-        workers.append(measure_node(ep, m.weight_type))
+        workers.append(measure_node(ep, m.weight_type, n_embd=m.n_embd))
     return m, local, workers
 
 
-def plan_cluster(model: str | os.PathLike, endpoints: Sequence[str], *, n_ctx: int = 2048,
+def calibration(m: ModelProfile, local: NodeProfile, n_threads: int | None = None, n_tokens: int = 8) -> float:
+    """How much slower real decoding is than the benchmark predicts, measured on this machine with the model
+    itself (a short greedy decode, when the model fits here; 1.0 otherwise). Real layers run more kinds of kernels
+    than a matrix-vector product, and each token costs the client some fixed work: both are in this factor, which
+    scales the compute of every node (they run the same ggml kernels)."""
+    import time as _time
+
+    from ..runtime.model import load
+
+    size = Path(m.path).stat().st_size
+    if size > 0.5 * local.free:
+        return 1.0
+    with load(m.path, n_ctx=max(64, min(m.n_ctx, 512)), n_batch=m.n_ubatch, n_threads=n_threads) as model:
+        toks = model.tokenize("The home cluster")
+        model.greedy(toks, 3, stop_at_eos=False)
+        t0 = _time.perf_counter()
+        model.greedy(toks, n_tokens, stop_at_eos=False)
+        measured = (_time.perf_counter() - t0) / n_tokens
+    predicted = _evaluate(m, local, [], [], m.n_layer)[0]
+    return min(max(measured / predicted, 0.5), 8.0)
+
+
+def calibrated(nodes: Sequence[NodeProfile], factor: float) -> list[NodeProfile]:
+    return [replace(n, bytes_per_s=n.bytes_per_s / factor, op_s=n.op_s * factor) for n in nodes]
+
+
+def plan_cluster(model: str | os.PathLike, endpoints: Sequence[str], *, n_ctx: int = 2048, n_batch: int = 512,
                  n_threads: int | None = None, use_local: bool = True) -> tuple[Plan, Plan]:
     """Measure and plan: ``(best plan, even split)`` with their predicted ms/token."""
-    m, local, workers = measure_cluster(model, endpoints, n_ctx=n_ctx, n_threads=n_threads)
-    return make_plan(m, local, workers, use_local=use_local), even_plan(m, local, workers)
+    m, local, workers = measure_cluster(model, endpoints, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+    f = calibration(m, local, n_threads)
+    local, *workers = calibrated([local] + workers, f)
+    best, even = make_plan(m, local, workers, use_local=use_local), even_plan(m, local, workers)
+    return replace(best, calibration=f), replace(even, calibration=f)
 
 
 def apply_plan(plan, args: tuple, kwargs: dict, infos: list) -> tuple[list, dict]:
@@ -441,7 +477,7 @@ def apply_plan(plan, args: tuple, kwargs: dict, infos: list) -> tuple[list, dict
         if model is None:
             raise UserError("--plan auto needs the model path")
         plan, _ = plan_cluster(model, [i.endpoint for i in infos], n_ctx=kwargs.get("n_ctx") or 2048,
-                               n_threads=kwargs.get("n_threads"))
+                               n_batch=kwargs.get("n_batch") or 512, n_threads=kwargs.get("n_threads"))
     if not isinstance(plan, Plan):
         raise UserError(f"unknown --plan '{plan}': use auto, even or a plan JSON file")
     return [by_name[o] for o in plan.order], plan.load_kwargs()
@@ -464,7 +500,8 @@ def render(plan: Plan, even: Plan | None = None) -> str:
     lines.append("")
     lines.append(f"predicted {plan.predicted_ms:.2f} ms/token ({1e3 / plan.predicted_ms:.1f} tok/s); "
                  f"--tensor-split {','.join(f'{x:g}' for x in plan.tensor_split)} over {', '.join(plan.order)}, "
-                 f"{plan.local_layers} first layer(s) on this machine")
+                 f"{plan.local_layers} first layer(s) on this machine; compute calibrated x{plan.calibration:.2f} "
+                 "by a short local decode")
     if even is not None:
         lines.append(f"even split over the workers: predicted {even.predicted_ms:.2f} ms/token")
     return "\n".join(lines)
