@@ -74,7 +74,7 @@ def call(fn: Callable, *args, rpc_servers: Sequence[str] | None = None, plan=Non
                         progress=bool(kwargs.get("progress", True)))
 
 
-def _describe(name: str, kind: str, detail: str, timeout: float) -> UserError:
+def describe_failure(name: str, kind: str, detail: str, timeout: float) -> UserError:
     if kind == "stalled":
         return UserError(f"RPC worker {name} stopped answering (no reply for {timeout:g} s): it is frozen, asleep "
                          "or cut off", hint="nothing is left running here; wake or restart the worker and run again "
@@ -86,7 +86,7 @@ def _describe(name: str, kind: str, detail: str, timeout: float) -> UserError:
                      hint="nothing is left running here; restart the worker (edge-mote worker) and run again")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -174,16 +174,20 @@ def run_isolated(fn: Callable, args: tuple, kwargs: dict, endpoints: list[str], 
         if bar is not None:
             bar.close()
         if proc is not None:
-            _kill_group(proc)
+            kill_group(proc)
         relay.close()
         for fd in (rfd, wfd):
             if fd >= 0:
                 os.close(fd)
     if failure is not None:
-        raise _describe(*failure, timeout) from None
+        raise describe_failure(*failure, timeout) from None
     if not data:
-        return _died(proc.returncode, infos)
-    outcome = pickle.loads(bytes(data))
+        return blame_worker(proc.returncode, infos)
+    return unpack_outcome(pickle.loads(bytes(data)))
+
+
+def unpack_outcome(outcome):
+    """The child's ``("ok", value)`` as the value, or its ``("error", ...)`` raised again here."""
     if outcome[0] == "ok":
         return outcome[1]
     _, cls_name, message, hint, is_user, tb = outcome
@@ -196,7 +200,7 @@ def run_isolated(fn: Callable, args: tuple, kwargs: dict, endpoints: list[str], 
     raise EdgeMoteError(f"{cls_name}: {message}", hint=hint or "rerun with EDGE_MOTE_DEBUG=1 for a traceback")
 
 
-def _died(returncode: int, infos: list[WorkerInfo]):
+def blame_worker(returncode: int, infos: list[WorkerInfo]):
     """The child ended without a result: blame a worker that no longer answers, else report the signal."""
     for info in infos:
         try:

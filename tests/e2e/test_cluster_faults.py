@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from edge_mote import UserError
-from edge_mote.cluster import call, health
+from edge_mote.cluster import Runner, WorkerLost, call, health
 
 from .cluster_util import REPO, FakeServer, WorkerProc, edge_mote, error_lines, free_port, tagged_pids
 
@@ -236,3 +236,29 @@ def test_ipv6_worker(gguf, native):
         assert json.loads(res.stdout)["text"] == json.loads(local.stdout)["text"]
     finally:
         w.stop()
+
+
+def greedy_n(model, n):
+    """Runs in a Runner's child: ``model`` is what the setup (edge_mote.load) returned."""
+    new, _ = model.greedy(model.tokenize("Hello world"), n, stop_at_eos=False)
+    return len(new)
+
+
+def test_runner_session_survives_calls_and_reports_a_lost_worker(gguf, worker):
+    import edge_mote as em
+
+    kw = {"n_ctx": 2048, "n_threads": 1}
+    with Runner([worker.endpoint], em.load, (gguf,), kw, stall_timeout=5) as r:
+        assert r.call(greedy_n, 4) == 4 and r.call(greedy_n, 6) == 6  # the model stays loaded between calls
+        import threading
+
+        threading.Timer(3.0, worker.kill9).start()
+        with pytest.raises(WorkerLost, match=f"RPC worker {worker.endpoint}") as e:
+            r.call(greedy_n, 1500)
+        assert e.value.endpoint == worker.endpoint and not r.alive
+        assert r.proc.poll() is not None  # the child is gone
+    assert health([worker.endpoint])[0][1] is None
+    worker.start()  # back: a new session works
+    assert health([worker.endpoint])[0][2] is None
+    with Runner([worker.endpoint], em.load, (gguf,), kw) as r:
+        assert r.call(greedy_n, 3) == 3
