@@ -154,7 +154,7 @@ def prepare_prompts(model, prompt_set, raw: bool = False):
     out = []
     for item in prompt_set:
         r = render(model, item, raw=raw)
-        tokens = model.tokenize(r.text, add_bos=not r.templated, special=r.templated)
+        tokens = model.encode_prompt(r.text, templated=r.templated)
         answer = None
         if item.answer:
             answer = model.tokenize((" " if not item.answer.startswith((" ", "\n")) else "") + item.answer,

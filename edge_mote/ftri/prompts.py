@@ -293,15 +293,11 @@ class ChatTemplate:
     @classmethod
     def from_model(cls, model: Any) -> "ChatTemplate | None":
         """The GGUF's ``tokenizer.chat_template`` of a loaded ``Model`` (None if it has none)."""
-        llm = model._live() if hasattr(model, "_live") else model._llm
-        source = llm.metadata.get("tokenizer.chat_template")
+        source = model.metadata.get("tokenizer.chat_template")
         if not source:
             return None
-
-        def text(tok: int) -> str:
-            return llm._model.token_get_text(tok) if tok != -1 else ""
-
-        return cls(source=source, bos_token=text(llm.token_bos()), eos_token=text(llm.token_eos()))
+        return cls(source=source, bos_token=model.token_text(model.token_bos()),
+                   eos_token=model.token_text(model.token_eos()))
 
     def apply(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render ``messages``; template errors (syntax, ``raise_exception``) become ``ValueError``."""

@@ -115,35 +115,10 @@ def _as_set(s: PromptSet | str | os.PathLike | Sequence[str], name: str) -> Prom
     return PromptSet.from_texts(list(s), name=name)
 
 
-def _greedy(model: Any, tokens: list[int], max_new: int) -> tuple[list[int], bool]:
-    """Greedy continuation; stops at any end-of-generation token. Returns (new tokens, stopped at EOG)."""
-    import llama_cpp
-
-    llm = model._live()
-    vocab = llm._model.vocab
-    llm.reset()
-    try:
-        llm.eval(tokens)
-        new: list[int] = []
-        while len(new) < max_new:
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if llama_cpp.llama_vocab_is_eog(vocab, nxt):
-                return new, True
-            new.append(nxt)
-            if len(new) < max_new:
-                llm.eval([nxt])
-        return new, False
-    finally:
-        llm.reset()
-
-
 def _tokens_for(model: Any, item: PromptItem, template: ChatTemplate | None, raw: bool) -> tuple[list[int], bool, bool]:
     """(prompt tokens, templated, fell back to raw text) for one item."""
     r = render(template, item, raw=raw)
-    if r.templated:  # the template writes its own special tokens (BOS included), as llama-cpp-python does
-        toks = model.tokenize(r.text, add_bos=False, special=True)
-    else:            # like create_completion (edge-mote run): the model's BOS rule, special tokens parsed
-        toks = model.tokenize(r.text, add_bos=True, special=True)
+    toks = model.encode_prompt(r.text, templated=r.templated)  # the template writes its own BOS
     if not toks:
         raise UserError(f"{item.source}: the prompt has no tokens")
     return toks, r.templated, r.fallback
@@ -151,39 +126,52 @@ def _tokens_for(model: Any, item: PromptItem, template: ChatTemplate | None, raw
 
 def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int, template: ChatTemplate | None,
               raw: bool, bar: Any, state: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[PromptRecord], int]:
-    """(counts, window tokens, gate-weight sums, records, prompt tokens) of one prompt set."""
+    """(counts, window tokens, gate-weight sums, records, prompt tokens) of one prompt set. Prompts are decoded
+    together on the Model's batched decode surface (greedy responses, then one routing pass)."""
     info = model.info
     layers = info.moe_layers
-    n_ctx = model._live().n_ctx()
+    n_ctx = model.n_ctx
     counts = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.int32)
     wsum = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.float64)
     ntok = np.zeros(len(pset), dtype=np.int64)
-    records: list[PromptRecord] = []
-    n_prompt_total = 0
-    for pi, item in enumerate(pset):
+    prompts = []
+    for item in pset:
         toks, templated, fallback = _tokens_for(model, item, template, raw)
         state["templated"] |= templated
         state["fallback"] |= fallback
-        n = len(toks)
-        n_prompt_total += n
-        need = n + (max_new if window in ("response", "all") else 0)
+        need = len(toks) + (max_new if window in ("response", "all") else 0)
         if need > n_ctx:
-            raise UserError(f"{item.source}: {n} prompt tokens" + (f" + {max_new} new" if need > n else "")
+            raise UserError(f"{item.source}: {len(toks)} prompt tokens" + (f" + {max_new} new" if need > len(toks) else "")
                             + f" do not fit the context of {n_ctx}", hint="load with a larger --ctx")
-        response = None
-        n_resp = None
-        if window in ("response", "all"):
-            new, _stopped = _greedy(model, toks, max_new)
+        prompts.append(toks)
+    n_prompt_total = sum(len(t) for t in prompts)
+
+    def tick(n: int) -> None:
+        if bar is not None:
+            bar.update(n / (2 if window in ("response", "all") else 1))
+            dt = time.perf_counter() - state["t0"]
+            if dt > 0:
+                bar.set_postfix_str(f"{state['evaluated'] / dt:.0f} tok/s")
+
+    responses: list[list[int] | None] = [None] * len(prompts)
+    if window in ("response", "all"):
+        outs = model.greedy_many(prompts, max_new, keep_logits=0, tick=tick)
+        responses = [new for new, _ in outs]
+    seqs, rows_of = [], []
+    for toks, new in zip(prompts, responses):
+        n = len(toks)
+        if new is not None:
             m = min(len(new) + 1, max_new)
-            seq = toks + new[: m - 1]
-            rows = np.arange(n - 1, n - 1 + m) if window == "response" else np.arange(0, n - 1 + m)
-            response, n_resp = model.detokenize(new), len(new)
-            state["evaluated"] += n + len(new)
+            seqs.append(toks + new[: m - 1])
+            rows_of.append(np.arange(n - 1, n - 1 + m) if window == "response" else np.arange(0, n - 1 + m))
+            state["evaluated"] += len(new)
         else:
-            seq = toks
-            rows = np.arange(0, n) if window == "prompt" else np.array([n - 1])
-        trace = model.routing(seq)
-        state["evaluated"] += len(seq)
+            seqs.append(toks)
+            rows_of.append(np.arange(0, n) if window == "prompt" else np.array([n - 1]))
+        state["evaluated"] += len(seqs[-1])
+    traces = model.routing_many(seqs, tick=tick)
+    records: list[PromptRecord] = []
+    for pi, (item, trace, rows) in enumerate(zip(pset, traces, rows_of)):
         for li, layer in enumerate(layers):
             ids = trace.ids[layer][rows].reshape(-1)
             wts = np.asarray(trace.weights[layer][rows], dtype=np.float64).reshape(-1)
@@ -192,13 +180,11 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
             counts[pi, li] = np.bincount(ids, minlength=info.n_expert)[: info.n_expert]
             wsum[pi, li] = np.bincount(ids, weights=wts, minlength=info.n_expert)[: info.n_expert]
         ntok[pi] = len(rows)
-        records.append(PromptRecord(set=label, id=item.id, source=item.source, n_prompt_tokens=n,
-                                    n_window_tokens=int(len(rows)), response=response, n_response_tokens=n_resp))
-        if bar is not None:
-            bar.update(1)
-            dt = time.perf_counter() - state["t0"]
-            if dt > 0:
-                bar.set_postfix_str(f"{state['evaluated'] / dt:.0f} tok/s")
+        new = responses[pi]
+        records.append(PromptRecord(set=label, id=item.id, source=item.source, n_prompt_tokens=len(prompts[pi]),
+                                    n_window_tokens=int(len(rows)),
+                                    response=model.detokenize(new) if new is not None else None,
+                                    n_response_tokens=len(new) if new is not None else None))
     return counts, ntok, wsum, records, n_prompt_total
 
 
@@ -216,7 +202,7 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
     if tokens in ("response", "all") and max_new < 1:
         raise UserError(f"max_new must be >= 1 for the '{tokens}' window, got {max_new}")
     bset, cset = _as_set(behavior, "behavior"), _as_set(control, "control")
-    model._require_moe()
+    model.require_moe()
     template = None if raw else ChatTemplate.from_model(model)
     bar = None
     if progress and sys.stderr.isatty():
@@ -225,15 +211,12 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
         bar = tqdm(total=len(bset) + len(cset), unit="prompt", desc=f"scan ({tokens})", file=sys.stderr,
                    leave=False, dynamic_ncols=True)
     state: dict = {"t0": time.perf_counter(), "evaluated": 0, "templated": False, "fallback": False}
-    capture_was_on = bool(getattr(model, "_capture", True))
     try:
         c1, t1, w1, r1, np1 = _scan_set(model, bset, "behavior", tokens, max_new, template, raw, bar, state)
         c2, t2, w2, r2, np2 = _scan_set(model, cset, "control", tokens, max_new, template, raw, bar, state)
     finally:
         if bar is not None:
             bar.close()
-        if not capture_was_on and model._llm is not None:
-            model.set_capture(False)  # routing() turned it on; it costs a little on every later decode
     layers = tuple(model.info.moe_layers)
     stats = expert_stats(c1, t1, c2, t2, layers=layers, weights1=w1, weights2=w2)
     stability = bootstrap_stability(c1, t1, c2, t2, n_boot=n_boot, seed=seed, weights1=w1, weights2=w2)
@@ -286,7 +269,7 @@ def scan_and_write(model: str | os.PathLike, behavior: str | os.PathLike, contro
         raise UserError(f"unknown token window '{tokens}'", hint=f"choose one of {', '.join(WINDOWS)}")
     bset, cset = load_prompts(behavior), load_prompts(control)
     with open_model(model, **load_kwargs) as m:
-        m._require_moe()
+        m.require_moe()
         result = run_scan(m, bset, cset, tokens=tokens, max_new=max_new, raw=raw, progress=progress,
                           n_boot=n_boot, seed=seed)
     doc = report.scan_document(result, top=top, full_hash=full_hash)

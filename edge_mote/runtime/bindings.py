@@ -28,6 +28,7 @@ STEER_ERRORS = {
     -7: "steering set on a layer that has no router (a dense layer)",
     -8: "the steering tensors could not be allocated",
     -9: "layer index out of range",
+    -10: "sequence id out of range, or more distinct sequence steerings than the context has sequences",
 }
 
 _lib = None
@@ -43,7 +44,7 @@ def lib():
     except (ImportError, OSError) as e:  # pragma: no cover - depends on the installation
         raise EdgeMoteError(f"cannot load llama_cpp: {e}", hint="run the set-up command from the README") from e
     handle = _llama_cpp._lib
-    if not hasattr(handle, "llama_set_expert_steering"):
+    if not hasattr(handle, "llama_set_expert_steering_seq"):
         raise EdgeMoteError(
             "the installed llama_cpp library is not patched for expert steering",
             hint="run `python native/build.py` (the README's set-up command) in this environment",
@@ -95,6 +96,9 @@ def _declare(h) -> None:
     # LLAMA_API int32_t llama_model_n_layer_all(const struct llama_model * model);
     _fn(h, "llama_model_n_layer_all", [c_void_p], c_int32)
     # LLAMA_API int32_t llama_model_n_expert(const struct llama_model * model);
+    # upstream's, declared in its C++ staging header src/llama-ext.h (so exported with C++ name mangling)
+    if not hasattr(h, "llama_model_n_expert"):
+        setattr(h, "llama_model_n_expert", getattr(h, "_Z20llama_model_n_expertPK11llama_model"))
     _fn(h, "llama_model_n_expert", [c_void_p], c_int32)
     # LLAMA_API int32_t llama_model_n_expert_used(const struct llama_model * model, int32_t il);
     _fn(h, "llama_model_n_expert_used", [c_void_p, c_int32], c_int32)
@@ -112,8 +116,15 @@ def _declare(h) -> None:
         [c_void_p, POINTER(c_int8), POINTER(c_float), POINTER(c_float), c_int32, c_int32], c_int32)
     # LLAMA_API int32_t llama_clear_expert_steering(struct llama_context * ctx);
     _fn(h, "llama_clear_expert_steering", [c_void_p], c_int32)
-    # LLAMA_API int32_t llama_reset_expert_steering(struct llama_context * ctx);
-    _fn(h, "llama_reset_expert_steering", [c_void_p], c_int32)
+    # LLAMA_API int32_t llama_set_expert_steering_seq(struct llama_context * ctx, llama_seq_id seq_id,
+    #                                                 const int8_t * state, const float * bias, float margin,
+    #                                                 int32_t n_layer, int32_t n_expert);
+    _fn(h, "llama_set_expert_steering_seq",
+        [c_void_p, c_int32, POINTER(c_int8), POINTER(c_float), c_float, c_int32, c_int32], c_int32)
+    # LLAMA_API int32_t llama_clear_expert_steering_seq(struct llama_context * ctx, llama_seq_id seq_id);
+    _fn(h, "llama_clear_expert_steering_seq", [c_void_p, c_int32], c_int32)
+    # LLAMA_API int32_t llama_get_expert_steering_skipped(struct llama_context * ctx, int32_t * layers, int32_t n_max);
+    _fn(h, "llama_get_expert_steering_skipped", [c_void_p, POINTER(c_int32), c_int32], c_int32)
     # LLAMA_API int32_t llama_set_expert_capture(struct llama_context * ctx, bool enable);
     _fn(h, "llama_set_expert_capture", [c_void_p, c_bool], c_int32)
     # LLAMA_API int32_t llama_get_expert_capture(struct llama_context * ctx, int32_t il, const int32_t ** ids,

@@ -88,20 +88,44 @@ class Completion:
     seconds: float
 
 
-PARALLEL_SEQS = 16     # sequences per llama_decode in greedy_many / score_many ...
+PARALLEL_SEQS = 32     # sequences per llama_decode in the batched methods ...
 PARALLEL_CELLS = 8192  # ... at most as many as keep the batched KV cache within this many cells
+SAMPLING_TOP_K = 40    # generate() at temperature > 0 samples among the 40 most likely tokens
+
+
+def _locked(method):
+    """Serialise a Model method: llama.cpp contexts are not thread-safe, so a Model takes one call at a time."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class Model:
-    """A loaded GGUF model with steerable MoE routing. Use ``edge_mote.load`` to make one."""
+    """A loaded GGUF model with steerable MoE routing. Use ``edge_mote.load`` to make one.
+
+    Every evaluation runs on one decode surface, a batched context (``ParallelContext``) in which each sequence
+    may carry its own steering: ``logits``/``logits_many``, ``routing``/``routing_many``, ``greedy``/``greedy_many``,
+    ``score_many``, ``generate``; generation stops at any end-of-generation token (``token_eog``). A Model may be
+    shared between threads: its methods take a lock (one native call at a time).
+    """
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_batch: int = 512, n_threads: int | None = None,
                  n_gpu_layers: int | None = None, rpc_servers: Sequence[str] | None = None, seed: int = 0,
                  verbose: bool = False, **llama_kwargs):
+        import threading
+
         from ..gguf_meta import keys as K
         from ..gguf_meta.profiles import check_gguf_header, read_profiles_cached
         from .resolve import resolve_model
 
+        self._lock = threading.RLock()
+        self._llm = None
+        self._parallel = None  # the batched context of the decode surface, made on first use
         path = resolve_model(path)  # a local path, or hf://owner/repo[:file.gguf][@revision] (never implicit)
         check_gguf_header(path)  # one-line error for missing, empty or non-GGUF files, before llama.cpp sees them
 
@@ -117,7 +141,10 @@ class Model:
             connect(rpc_servers)  # one-line error if a worker is unreachable
         if n_gpu_layers is None:
             n_gpu_layers = -1 if rpc_servers else 0  # with RPC workers, offload every layer to the devices
-        kwargs = dict(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, 512), logits_all=True, verbose=verbose,
+        # llama-cpp-python's own context only holds the settings and serves tokenization: evaluations run in the
+        # batched context, sized on demand up to n_ctx tokens per sequence
+        self._n_ctx = int(n_ctx)
+        kwargs = dict(n_ctx=min(self._n_ctx, 64), n_batch=64, n_ubatch=64, logits_all=False, verbose=verbose,
                       n_gpu_layers=n_gpu_layers, seed=seed)
         if n_threads is not None:
             kwargs["n_threads"] = n_threads
@@ -136,29 +163,35 @@ class Model:
         self._lib = lib
         self._mp = self._llm._model.model
         self._ctx = self._llm._ctx.ctx
-        self._capture = False
-        self._parallel = None  # ParallelContext for greedy_many / score_many, made on first use
+        self._vocab = self._llm._model.vocab
 
         n_layer = lib.llama_model_n_layer_all(self._mp)
         n_expert = lib.llama_model_n_expert(self._mp)
         moe = tuple(il for il in range(n_layer) if n_expert > 0 and lib.llama_model_layer_is_moe(self._mp, il) == 1)
-        self.info = ModelInfo(
+        info = dict(
             path=str(path), arch=str(arch), name=meta.get(K.NAME),
             n_layer=n_layer, moe_layers=moe, n_expert=n_expert,
             n_expert_used={il: lib.llama_model_n_expert_used(self._mp, il) for il in moe},
             n_vocab=self._llm.n_vocab(), n_ctx_train=self._llm._model.n_ctx_train(),
             profiles=tuple(self._profiles), default_profile=default, file_bytes=path.stat().st_size,
         )
+        self.info = ModelInfo(**info)
         self._steering = self._read_native_steering()
+        self.default_profile_error: str | None = None
+        if default is not None and not self._steering:
+            # the patch validates the default profile when a context is made; it refused this one (logged why)
+            self.default_profile_error = B.last_native_error() or f"default profile '{default}' was not applied"
+            self.info = ModelInfo(**{**info, "default_profile": None})
 
     # -- lifetime --------------------------------------------------------------------------------------------
     def close(self) -> None:
-        par, self._parallel = getattr(self, "_parallel", None), None
-        if par is not None:
-            par.close()
-        llm, self._llm = getattr(self, "_llm", None), None
-        if llm is not None:
-            llm.close()
+        with self._lock:
+            par, self._parallel = self._parallel, None
+            if par is not None:
+                par.close()
+            llm, self._llm = self._llm, None
+            if llm is not None:
+                llm.close()
 
     def __enter__(self) -> "Model":
         return self
@@ -170,6 +203,16 @@ class Model:
         if self._llm is None:
             raise EdgeMoteError("this Model is closed")
         return self._llm
+
+    # -- native handles, for the batched contexts of this package ---------------------------------------------
+    def native_model(self):
+        """The ``llama_model *`` (for ``ParallelContext``)."""
+        self._live()
+        return self._mp
+
+    def native_context_params(self):
+        """The ``llama_context_params`` the model was loaded with (threads, offload, ...)."""
+        return self._live().context_params
 
     # -- steering --------------------------------------------------------------------------------------------
     @property
@@ -186,6 +229,10 @@ class Model:
             raise UserError(f"{Path(self.info.path).name} is not a Mixture-of-Experts model "
                             f"(architecture '{self.info.arch}' has no routed experts)")
 
+    def require_moe(self) -> None:
+        """A UserError unless the model has routed experts."""
+        self._require_moe()
+
     def _read_native_steering(self) -> Steering:
         if not self.info.is_moe:
             return Steering()
@@ -199,8 +246,9 @@ class Model:
         shape = (self.info.n_layer, self.info.n_expert)
         return Steering.from_arrays(state.reshape(shape), bias.reshape(shape), float(margin.value))
 
-    def _apply_native(self, ctx, steering: Steering) -> None:
-        """Apply ``steering`` to one native context (the main one or the batched one)."""
+    def apply_steering_to(self, ctx) -> None:
+        """Apply the Model's steering as the context-wide steering of a native context of this model."""
+        steering = self._steering
         if steering:
             info = self.info
             state, bias = steering.to_arrays(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)
@@ -211,129 +259,112 @@ class Model:
         elif self.info.is_moe:
             B.check(self._lib.llama_clear_expert_steering(ctx), "clearing the steering")
 
+    @_locked
     def set_steering(self, steering: "Steering | str | dict | None") -> Steering:
         """Apply a steering (None: none at all). Takes effect at the next evaluation; no reload."""
         steering = coerce(steering)
-        llm = self._live()
+        self._live()
         if steering:
             self._require_moe()
-        self._apply_native(self._ctx, steering)
-        if self._parallel is not None:
-            self._apply_native(self._parallel.ctx, steering)
-        self._steering = steering
-        llm.reset()  # cached tokens were computed with the old routing
+            info = self.info
+            steering.check(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)
+        previous, self._steering = self._steering, steering
+        try:
+            self.apply_steering_to(self._ctx)
+            if self._parallel is not None:
+                self._parallel.apply_model_steering()
+        except BaseException:
+            self._steering = previous
+            raise
         return steering
 
     def use_profile(self, name: str | None) -> Steering:
         """Apply a profile stored in the GGUF by name (``None`` or ``"none"``: no steering)."""
+        return self.set_steering(self.profile_steering(name))
+
+    def profile_steering(self, name: str | None) -> Steering:
+        """The steering of a stored profile (``None``/``"none"``: no steering); an unknown name is a UserError."""
         if name is None or name == "none":
-            return self.set_steering(None)
+            return Steering()
         if name not in self._profiles:
             known = ", ".join(self._profiles) or "none stored"
             raise UserError(f"unknown profile '{name}' in {Path(self.info.path).name}", hint=f"profiles: {known}")
-        return self.set_steering(self._profiles[name].steering)
+        return self._profiles[name].steering
 
     @contextlib.contextmanager
     def steer(self, steering: "Steering | str | dict | None") -> Iterator["Model"]:
         """Apply a steering inside a ``with`` block, then restore the previous one."""
-        previous = self._steering
-        self.set_steering(steering)
-        try:
-            yield self
-        finally:
-            if self._llm is not None:
-                self.set_steering(previous)
+        with self._lock:
+            previous = self._steering
+            self.set_steering(steering)
+            try:
+                yield self
+            finally:
+                if self._llm is not None:
+                    self.set_steering(previous)
 
-    # -- evaluation ------------------------------------------------------------------------------------------
+    # -- vocabulary and prompts ------------------------------------------------------------------------------
+    @_locked
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         return self._live().tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
+    def encode_prompt(self, text: str, templated: bool = False) -> list[int]:
+        """The one rule for prompts: special tokens are parsed; BOS is added unless a chat template rendered the
+        text (the template writes its own)."""
+        return self.tokenize(text, add_bos=not templated, special=True)
+
+    @_locked
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._live().detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def token_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, <|im_end|>, ...: any end-of-generation token)."""
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
+
+    def token_bos(self) -> int:
+        return self._live().token_bos()
+
+    def token_eos(self) -> int:
+        return self._live().token_eos()
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary text of a token ('' for -1)."""
+        return self._live()._model.token_get_text(token) if token != -1 else ""
+
+    @property
+    def metadata(self) -> dict:
+        """The GGUF's scalar metadata (as llama.cpp reads it)."""
+        return dict(self._live().metadata)
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens one sequence may hold (prompt + generated)."""
+        return self._n_ctx
 
     def _check_tokens(self, tokens: Sequence[int]) -> list[int]:
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise UserError("no tokens to evaluate")
-        llm = self._live()
-        if len(tokens) > llm.n_ctx():
-            raise UserError(f"{len(tokens)} tokens do not fit the context of {llm.n_ctx()}", hint="load with a larger n_ctx")
+        if len(tokens) > self._n_ctx:
+            raise UserError(f"{len(tokens)} tokens do not fit the context of {self._n_ctx}", hint="load with a larger n_ctx (--ctx)")
         bad = [t for t in tokens if not 0 <= t < self.info.n_vocab]
         if bad:
             raise UserError(f"token id {bad[0]} is out of range (vocabulary of {self.info.n_vocab})")
         return tokens
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Next-token logits after every token: float32 [n_tokens, n_vocab], from an empty context."""
-        tokens = self._check_tokens(tokens)
-        llm = self._live()
-        llm.reset()
-        llm.eval(tokens)
-        out = np.array(llm.scores[: len(tokens)], dtype=np.float32, copy=True)
-        llm.reset()
-        return out
+    def _check_steerings(self, steerings, n: int) -> list[Steering | None] | None:
+        if steerings is None:
+            return None
+        steerings = [None if s is None else coerce(s) for s in steerings]
+        if len(steerings) != n:
+            raise UserError(f"{len(steerings)} steerings for {n} sequences: give one per sequence (None: the Model's)")
+        if any(steerings):
+            self._require_moe()
+        return steerings
 
-    def set_capture(self, enable: bool) -> None:
-        """Turn routing capture on or off (on costs a little per decode; ``routing`` turns it on)."""
-        self._require_moe()
-        B.check(self._lib.llama_set_expert_capture(self._ctx, bool(enable)), "routing capture")
-        self._capture = bool(enable)
-
-    def routing(self, tokens: Sequence[int]) -> RoutingTrace:
-        """Evaluate ``tokens`` from an empty context and return the experts every token selected per MoE layer."""
-        self._require_moe()
-        tokens = self._check_tokens(tokens)
-        llm = self._live()
-        if not self._capture:
-            self.set_capture(True)
-        llm.reset()
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
-        parts_ids: dict[int, list[np.ndarray]] = {il: [] for il in self.info.moe_layers}
-        parts_w: dict[int, list[np.ndarray]] = {il: [] for il in self.info.moe_layers}
-        ids_p = ctypes.POINTER(ctypes.c_int32)()
-        w_p = ctypes.POINTER(ctypes.c_float)()
-        k = ctypes.c_int32(0)
-        for start in range(0, len(tokens), llm.n_batch):
-            chunk = tokens[start: start + llm.n_batch]
-            llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
-            llm._ctx.decode(llm._batch)
-            for il in self.info.moe_layers:
-                rows = B.check(self._lib.llama_get_expert_capture(self._ctx, il, ctypes.byref(ids_p), ctypes.byref(w_p),
-                                                                  ctypes.byref(k)), "reading the routing capture")
-                if rows != len(chunk):
-                    raise EdgeMoteError(f"routing capture of layer {il} has {rows} rows for {len(chunk)} tokens")
-                n = rows * k.value
-                parts_ids[il].append(np.ctypeslib.as_array(ids_p, shape=(n,)).reshape(rows, k.value).copy())
-                parts_w[il].append(np.ctypeslib.as_array(w_p, shape=(n,)).reshape(rows, k.value).copy())
-        llm.reset()
-        return RoutingTrace(
-            tokens=np.asarray(tokens, dtype=np.int32),
-            ids={il: np.concatenate(v) for il, v in parts_ids.items()},
-            weights={il: np.concatenate(v) for il, v in parts_w.items()},
-        )
-
-    def greedy(self, tokens: Sequence[int], max_new: int, stop_at_eos: bool = True) -> tuple[list[int], np.ndarray]:
-        """Greedy continuation of ``tokens`` (from an empty context): the new token ids, and the next-token logits
-        at every position of the prompt and the continuation ([len(tokens) + len(new), n_vocab], float32)."""
-        tokens = self._check_tokens(tokens)
-        llm = self._live()
-        if len(tokens) + max_new > llm.n_ctx():
-            raise UserError(f"{len(tokens)} prompt + {max_new} new tokens do not fit the context of {llm.n_ctx()}")
-        eos = llm.token_eos() if stop_at_eos else -1
-        llm.reset()
-        llm.eval(tokens)
-        new: list[int] = []
-        while len(new) < max_new:
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            if nxt == eos:
-                break
-            new.append(nxt)
-            if len(new) < max_new:
-                llm.eval([nxt])
-        logits = np.array(llm.scores[: llm.n_tokens], dtype=np.float32, copy=True)
-        llm.reset()
-        return new, logits
-
+    # -- the batched context ----------------------------------------------------------------------------------
     def _batched(self, n_ctx_seq: int):
         """The batched context, (re)made when a longer sequence than it holds is needed."""
         from .parallel import ParallelContext
@@ -346,58 +377,127 @@ class Model:
             size = max(128, -(-n_ctx_seq // 64) * 64)
             n_batch = max(512, size)
             n_seq = max(1, min(PARALLEL_SEQS, PARALLEL_CELLS // size))  # bound the KV cache of long sequences
-            self._parallel = ParallelContext(self._live(), n_seq, size, n_batch,
-                                             lambda ctx: self._apply_native(ctx, self._steering))
+            self._parallel = ParallelContext(self, n_seq, size, n_batch)
         return self._parallel
 
-    def greedy_many(self, prompts: Sequence[Sequence[int]], max_new: int, stop_at_eos: bool = True,
-                    keep_logits: int | None = None, tick=None) -> list[tuple[list[int], np.ndarray]]:
-        """``greedy`` for many prompts, decoded together (up to 16 sequences per ``llama_decode``).
+    @_locked
+    def open_batch(self, n_seq: int, n_ctx_seq: int, n_batch: int | None = None):
+        """A new batched context on this model's weights (``ParallelContext``), owned by the caller (``close()``
+        it): ``n_seq`` sequences of up to ``n_ctx_seq`` tokens, each with its own steering if set. For servers."""
+        from .parallel import ParallelContext
 
-        Returns, per prompt, the new tokens and the logits each step chose from ([len(new) (+1 when it stopped at
-        EOS), n_vocab]: the rows ``n_prompt - 1 ...`` of ``greedy``'s logits; only the first ``keep_logits`` rows
-        when given, which saves memory). ``tick(n)`` reports progress.
-        """
-        prompts = [self._check_tokens(p) for p in prompts]
-        if not prompts:
-            return []
-        longest = max(len(p) for p in prompts) + max_new
-        if longest > self._live().n_ctx():
-            raise UserError(f"{longest - max_new} prompt + {max_new} new tokens do not fit the context of "
-                            f"{self._live().n_ctx()}")
-        eos = self._live().token_eos() if stop_at_eos else -1
-        return self._batched(longest).greedy(prompts, max_new, eos, keep_logits, tick)
+        if n_ctx_seq > self._n_ctx:
+            raise UserError(f"{n_ctx_seq} tokens per sequence exceed the model's context of {self._n_ctx}")
+        return ParallelContext(self, n_seq, n_ctx_seq, n_batch or max(512, min(n_seq * n_ctx_seq, 2048)))
 
-    def score_many(self, seqs: Sequence[Sequence[int]], first: Sequence[int], reduce=None, tick=None) -> list:
-        """Next-token logits of many sequences evaluated together: for sequence i the rows ``first[i]`` to
-        ``len - 1`` of ``logits(seqs[i])`` -- or ``reduce(i, rows)`` of them, computed without copying the rows
-        out of llama.cpp's buffer (``rows`` is valid only during the call)."""
-        seqs = [self._check_tokens(s) for s in seqs]
+    # -- evaluation ------------------------------------------------------------------------------------------
+    @_locked
+    def logits_many(self, token_lists: Sequence[Sequence[int]], steerings=None) -> list[np.ndarray]:
+        """Next-token logits after every token of each sequence (each float32 [n_tokens, n_vocab]), decoded
+        together, sequence i under ``steerings[i]`` (None: the Model's steering). Equal to ``logits`` of each alone."""
+        seqs = [self._check_tokens(t) for t in token_lists]
+        steerings = self._check_steerings(steerings, len(seqs))
         if not seqs:
             return []
-        longest = max(len(s) for s in seqs)
-        if longest > self._live().n_ctx():
-            raise UserError(f"{longest} tokens do not fit the context of {self._live().n_ctx()}")
-        return self._batched(longest).score(seqs, first, reduce, tick)
+        return self._batched(max(len(s) for s in seqs)).score(seqs, [0] * len(seqs), steerings=steerings)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token logits after every token: float32 [n_tokens, n_vocab], from an empty context."""
+        return self.logits_many([tokens])[0]
+
+    @_locked
+    def routing_many(self, token_lists: Sequence[Sequence[int]], steerings=None, tick=None) -> list[RoutingTrace]:
+        """The experts every token of each sequence selected per MoE layer, sequences decoded together."""
+        self._require_moe()
+        seqs = [self._check_tokens(t) for t in token_lists]
+        steerings = self._check_steerings(steerings, len(seqs))
+        if not seqs:
+            return []
+        caps = self._batched(max(len(s) for s in seqs)).routing(seqs, steerings, tick)
+        out = []
+        for toks, cap in zip(seqs, caps):
+            for il, (ids, _) in cap.items():
+                if len(ids) != len(toks):
+                    raise EdgeMoteError(f"routing capture of layer {il} has {len(ids)} rows for {len(toks)} tokens")
+            out.append(RoutingTrace(tokens=np.asarray(toks, dtype=np.int32),
+                                    ids={il: c[0] for il, c in cap.items()}, weights={il: c[1] for il, c in cap.items()}))
+        return out
+
+    def routing(self, tokens: Sequence[int]) -> RoutingTrace:
+        """Evaluate ``tokens`` from an empty context and return the experts every token selected per MoE layer."""
+        return self.routing_many([tokens])[0]
+
+    @_locked
+    def greedy_many(self, prompts: Sequence[Sequence[int]], max_new: int, stop_at_eos: bool = True,
+                    keep_logits: int | None = None, tick=None, steerings=None,
+                    sampler=None) -> list[tuple[list[int], np.ndarray]]:
+        """Greedy continuation of many prompts, decoded together (up to 16 sequences per ``llama_decode``), prompt i
+        under ``steerings[i]`` (None: the Model's steering); stops at any end-of-generation token.
+
+        Returns, per prompt, the new tokens and the logits each step chose from ([len(new) (+1 when it stopped at
+        EOG), n_vocab]; only the first ``keep_logits`` rows when given, which saves memory). ``tick(n)`` reports
+        progress; ``sampler(i, row) -> token`` replaces argmax (sampling).
+        """
+        prompts = [self._check_tokens(p) for p in prompts]
+        steerings = self._check_steerings(steerings, len(prompts))
+        if not prompts:
+            return []
+        if max_new < 1:
+            raise UserError(f"max_new must be >= 1, got {max_new}")
+        longest = max(len(p) for p in prompts) + max_new
+        if longest > self._n_ctx:
+            raise UserError(f"{longest - max_new} prompt + {max_new} new tokens do not fit the context of {self._n_ctx}",
+                            hint="load with a larger n_ctx (--ctx) or ask for fewer new tokens")
+        is_eog = self.token_eog if stop_at_eos else (lambda t: False)
+        return self._batched(longest).greedy(prompts, max_new, is_eog, keep_logits, tick, steerings, sampler)
+
+    def greedy(self, tokens: Sequence[int], max_new: int, stop_at_eos: bool = True) -> tuple[list[int], np.ndarray]:
+        """Greedy continuation of ``tokens``: the new tokens, and the logits each step chose from (see
+        ``greedy_many``)."""
+        return self.greedy_many([tokens], max_new, stop_at_eos)[0]
+
+    @_locked
+    def score_many(self, seqs: Sequence[Sequence[int]], first: Sequence[int], reduce=None, tick=None,
+                   steerings=None) -> list:
+        """Next-token logits of many sequences evaluated together: for sequence i the rows ``first[i]`` to
+        ``len - 1`` of ``logits(seqs[i])`` -- or ``reduce(i, rows)`` of them, computed without copying the rows
+        out of llama.cpp's buffer (``rows`` is valid only during the call) -- under ``steerings[i]``."""
+        seqs = [self._check_tokens(s) for s in seqs]
+        steerings = self._check_steerings(steerings, len(seqs))
+        if not seqs:
+            return []
+        return self._batched(max(len(s) for s in seqs)).score(seqs, first, reduce, tick, steerings)
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                  stop: Sequence[str] | None = None) -> Completion:
-        """Complete ``prompt`` (greedy at temperature 0; reproducible for a fixed seed)."""
+        """Complete ``prompt`` (greedy at temperature 0; else sampled among the 40 most likely tokens,
+        reproducibly for a fixed seed); stops at any end-of-generation token or before the first ``stop`` string."""
         if max_tokens < 1:
             raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
-        if temperature < 0:
+        if not (temperature >= 0 and np.isfinite(temperature)):
             raise UserError(f"temperature must be >= 0, got {temperature}")
-        llm = self._live()
-        llm.reset()
+        tokens = self.encode_prompt(prompt)
+        if len(tokens) + max_tokens > self._n_ctx:
+            raise UserError(f"the prompt ({len(tokens)} tokens) + {max_tokens} new tokens do not fit the context of "
+                            f"{self._n_ctx}", hint="shorten the prompt, ask for fewer tokens (-n) or raise --ctx")
+        sampler = None
+        if temperature > 0:
+            rng = np.random.default_rng(seed)
+
+            def sampler(_i: int, row: np.ndarray) -> int:
+                top = np.argpartition(row, -SAMPLING_TOP_K)[-SAMPLING_TOP_K:] if len(row) > SAMPLING_TOP_K else np.arange(len(row))
+                z = row[top].astype(np.float64) / temperature
+                p = np.exp(z - z.max())
+                return int(top[rng.choice(len(top), p=p / p.sum())])
+
         t0 = time.perf_counter()
-        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                    top_k=0 if temperature == 0 else 40, top_p=1.0, min_p=0.0, repeat_penalty=1.0,
-                                    stop=list(stop) if stop else None)
+        new, _ = self.greedy_many([tokens], max_tokens, keep_logits=0, sampler=sampler)[0]
         dt = time.perf_counter() - t0
-        llm.reset()
-        usage = out.get("usage", {})
-        return Completion(text=out["choices"][0]["text"], n_prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                          n_tokens=int(usage.get("completion_tokens", 0)), seconds=dt)
+        text = self.detokenize(new)
+        for s in stop or ():
+            if s and s in text:
+                text = text[: text.index(s)]
+        return Completion(text=text, n_prompt_tokens=len(tokens), n_tokens=len(new), seconds=dt)
 
 
 def load(path_or_repo: str | os.PathLike, **llama_kwargs) -> Model:

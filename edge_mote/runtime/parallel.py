@@ -1,10 +1,21 @@
-"""Many sequences per ``llama_decode``: a second llama.cpp context on the same weights, with ``n_seq`` sequence
-slots and a unified KV cache, for batched greedy decoding and scoring (``edge-mote eval`` evaluates hundreds of
-short prompts under many steerings; one sequence per decode call leaves the CPU idle between tiny matmuls).
+"""Many sequences per ``llama_decode``, each with its own steering: the one decode surface of a ``Model``.
 
-The context shares the model's weights (no second load) and mirrors the owning ``Model``'s steering: ``Model``
-calls :meth:`ParallelContext.apply_steering` whenever its steering changes. Results equal one-sequence decoding up
-to float rounding (the batched matmuls sum in a different order); tests compare both.
+A ``ParallelContext`` is a llama.cpp context on the model's weights (no second load) with ``n_seq`` sequence slots
+and a unified KV cache. Every evaluation of a Model runs here -- ``logits``, ``routing``, greedy decoding,
+sampling, scoring, the scan, the evaluation protocol, the server's continuous batching -- so that there is one
+end-of-generation rule (any EOG token of the vocabulary) and one place that talks to ``llama_decode``.
+
+Steering: the context follows its Model's steering (``Model`` re-applies it whenever it changes); a sequence may
+carry its own (``set_sequence_steering``), which the patched llama.cpp applies per token inside the same decode.
+A batch whose tokens all share one steering runs exactly the graph of a context-wide steering.
+
+Low-level use (the server's scheduler)::
+
+    pc = model.open_batch(n_seq=8, n_ctx_seq=2048)
+    pc.set_sequence_steering(3, Steering.parse("off=1:2"))
+    pc.decode([(tok, pos, seq, wants_logits), ...])
+    rows = pc.logits(n_flagged)                 # [n_flagged, n_vocab] view, batch order
+    pc.close()
 """
 
 from __future__ import annotations
@@ -14,33 +25,45 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..errors import EdgeMoteError
+from ..errors import EdgeMoteError, UserError
+from ..steering import Steering
+from . import bindings as B
 
-Apply = Callable[[object], None]  # apply the owner's steering to a native context
+Entry = tuple[int, int, int, bool]  # (token, position, sequence, wants logits)
 
 
 class ParallelContext:
-    """A ``llama_context`` with ``n_seq`` sequences of up to ``n_ctx_seq`` tokens each, and one reusable batch."""
+    """A ``llama_context`` with ``n_seq`` sequences of up to ``n_ctx_seq`` tokens each, and one reusable batch.
 
-    def __init__(self, llm, n_seq: int, n_ctx_seq: int, n_batch: int, apply_steering: Apply):
+    Made by ``Model.open_batch`` (or internally by the Model); use it from one thread at a time."""
+
+    def __init__(self, model, n_seq: int, n_ctx_seq: int, n_batch: int):
         import llama_cpp
 
         self._ll = llama_cpp
+        self._model = model
         self.n_seq, self.n_ctx_seq, self.n_batch = int(n_seq), int(n_ctx_seq), int(n_batch)
+        if self.n_seq < 1 or self.n_ctx_seq < 1 or self.n_batch < 1:
+            raise UserError("a batched context needs n_seq, n_ctx_seq and n_batch >= 1")
         params = llama_cpp.llama_context_params()
-        ctypes.memmove(ctypes.byref(params), ctypes.byref(llm.context_params), ctypes.sizeof(params))
+        ctypes.memmove(ctypes.byref(params), ctypes.byref(model.native_context_params()), ctypes.sizeof(params))
         params.n_seq_max = self.n_seq
         params.kv_unified = True             # the sequences share one KV buffer of n_seq * n_ctx_seq cells
         params.n_ctx = self.n_seq * self.n_ctx_seq
         params.n_batch = params.n_ubatch = self.n_batch
         params.embeddings = False
-        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        self.ctx = llama_cpp.llama_init_from_model(model.native_model(), params)
         if not self.ctx:
-            raise EdgeMoteError("llama.cpp could not create a batched context")
+            raise EdgeMoteError("llama.cpp could not create a batched context",
+                                hint="try a smaller context (--ctx) or fewer parallel sequences")
+        self._lib = B.lib()
         self._mem = llama_cpp.llama_get_memory(self.ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self.n_vocab = llm.n_vocab()
-        apply_steering(self.ctx)
+        self.n_vocab = model.info.n_vocab
+        self._seq_steering: dict[int, Steering] = {}
+        self._capture = False
+        self._steered = False   # whether any steering is in effect (then the skipped-layer check runs)
+        self.apply_model_steering()
 
     def close(self) -> None:
         if self.ctx:
@@ -48,9 +71,59 @@ class ParallelContext:
             self._ll.llama_free(self.ctx)
             self.ctx = None
 
-    # -- batch plumbing ----------------------------------------------------------------------------------------
-    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
-        """One ``llama_decode`` of (token, pos, seq, wants_logits) entries."""
+    def __enter__(self) -> "ParallelContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _live(self):
+        if not self.ctx:
+            raise EdgeMoteError("this batched context is closed")
+        return self.ctx
+
+    # -- steering --------------------------------------------------------------------------------------------
+    def apply_model_steering(self) -> None:
+        """(Re)apply the owning Model's steering as this context's (called by the Model when it changes)."""
+        self._model.apply_steering_to(self._live())
+        self._steered = bool(self._model.steering) or bool(self._seq_steering)
+
+    def set_sequence_steering(self, seq: int, steering: Steering | None) -> None:
+        """Tokens of sequence ``seq`` use ``steering`` from the next decode on (None: the Model's steering)."""
+        if not 0 <= seq < self.n_seq:
+            raise UserError(f"sequence {seq} is out of range (0-{self.n_seq - 1})")
+        if steering is None:
+            if self._seq_steering.pop(seq, None) is not None:
+                B.check(self._lib.llama_clear_expert_steering_seq(self._live(), seq), "clearing a sequence's steering")
+        elif self._seq_steering.get(seq) != steering:
+            info = self._model.info
+            if not info.is_moe:
+                raise UserError(f"{info.path} is not a Mixture-of-Experts model: it cannot be steered")
+            state, bias = steering.to_arrays(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)
+            rc = self._lib.llama_set_expert_steering_seq(self._live(), seq, B.as_ptr(state, ctypes.c_int8),
+                                                         B.as_ptr(bias, ctypes.c_float), steering.margin,
+                                                         info.n_layer, info.n_expert)
+            if rc < 0:
+                raise UserError(f"cannot apply steering '{steering}' to sequence {seq}: {B.STEER_ERRORS.get(rc, rc)}")
+            self._seq_steering[seq] = steering
+        self._steered = bool(self._model.steering) or bool(self._seq_steering)
+
+    def clear_sequence(self, seq: int) -> None:
+        """Remove the KV cells of sequence ``seq`` and its own steering."""
+        self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self.set_sequence_steering(seq, None)
+
+    def clear_all(self) -> None:
+        """Empty the KV cache (every sequence); steerings stay."""
+        self._ll.llama_memory_clear(self._mem, True)
+
+    # -- decode ----------------------------------------------------------------------------------------------
+    def decode(self, entries: Sequence[Entry]) -> None:
+        """One ``llama_decode`` of (token, position, sequence, wants_logits) entries."""
+        if not entries:
+            return
+        if len(entries) > self.n_batch:
+            raise EdgeMoteError(f"a batch of {len(entries)} tokens exceeds n_batch={self.n_batch}")
         b = self._batch
         for i, (tok, pos, seq, out) in enumerate(entries):
             b.token[i] = tok
@@ -59,23 +132,66 @@ class ParallelContext:
             b.seq_id[i][0] = seq
             b.logits[i] = out
         b.n_tokens = len(entries)
-        rc = self._ll.llama_decode(self.ctx, b)
+        rc = self._ll.llama_decode(self._live(), b)
         if rc != 0:
-            raise EdgeMoteError(f"llama_decode failed in a batch of {len(entries)} tokens (code {rc})")
+            why = B.last_native_error()
+            raise EdgeMoteError(f"llama_decode failed in a batch of {len(entries)} tokens (code {rc})"
+                                + (f": {why}" if why else ""))
+        if self._steered:
+            self._check_skipped()
 
-    def _outputs(self, n: int) -> np.ndarray:
-        """The logits of the last decode as a view [n, n_vocab], rows in the batch order of the flagged tokens."""
-        ptr = self._ll.llama_get_logits(self.ctx)
+    def _check_skipped(self) -> None:
+        layers = (ctypes.c_int32 * 64)()
+        n = self._lib.llama_get_expert_steering_skipped(self.ctx, layers, 64)
+        if n > 0:
+            names = ",".join(str(layers[i]) for i in range(min(n, 64)))
+            raise UserError(f"the steering of MoE layer(s) {names} cannot be applied: this architecture bypasses "
+                            f"the router or routes a different number of experts there",
+                            hint="steer only the other layers (see the README's architecture table)")
+
+    def logits(self, n: int) -> np.ndarray:
+        """The logits of the last decode as a view [n, n_vocab] (rows in the batch order of the flagged tokens),
+        valid until the next decode."""
+        ptr = self._ll.llama_get_logits(self._live())
         return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
 
-    def _waves(self, lengths: Sequence[int], extra: int) -> list[list[int]]:
-        """Group sequence indices so that each group fits the slots, the batch and the per-sequence context."""
+    def set_capture(self, enable: bool) -> None:
+        """Turn routing capture on or off (on costs a little per decode)."""
+        if bool(enable) != self._capture:
+            B.check(self._lib.llama_set_expert_capture(self._live(), bool(enable)), "routing capture")
+            self._capture = bool(enable)
+
+    def capture(self) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """The routing of the last decode: {layer: (ids [n_rows, k] int32, weights [n_rows, k] float32)}, rows in
+        batch order (the last MoE layer of some architectures computes only the rows that produce logits)."""
+        if not self._capture:
+            raise EdgeMoteError("routing capture is off: call set_capture(True) before the decode")
+        ids_p = ctypes.POINTER(ctypes.c_int32)()
+        w_p = ctypes.POINTER(ctypes.c_float)()
+        k = ctypes.c_int32(0)
+        out = {}
+        for il in self._model.info.moe_layers:
+            rows = B.check(self._lib.llama_get_expert_capture(self.ctx, il, ctypes.byref(ids_p), ctypes.byref(w_p),
+                                                              ctypes.byref(k)), "reading the routing capture")
+            n = rows * k.value
+            if n == 0:
+                out[il] = (np.zeros((0, 0), np.int32), np.zeros((0, 0), np.float32))
+                continue
+            out[il] = (np.ctypeslib.as_array(ids_p, shape=(n,)).reshape(rows, k.value).copy(),
+                       np.ctypeslib.as_array(w_p, shape=(n,)).reshape(rows, k.value).copy())
+        return out
+
+    # -- waves of whole sequences (used by the Model's batched methods) ---------------------------------------
+    def waves(self, lengths: Sequence[int], extra: int) -> list[list[int]]:
+        """Group sequence indices so that each group fits the slots, the batch (a longer sequence goes alone and is
+        decoded in chunks) and the per-sequence context (``extra``: tokens generated after the prompt)."""
         waves: list[list[int]] = []
         cur: list[int] = []
         used = 0
         for i, n in enumerate(lengths):
-            if n + extra > self.n_ctx_seq or n > self.n_batch:
-                raise EdgeMoteError(f"a sequence of {n} tokens (+{extra}) does not fit the batched context")
+            if n + extra > self.n_ctx_seq:
+                raise UserError(f"a sequence of {n} tokens" + (f" + {extra} new" if extra else "")
+                                + f" does not fit the context of {self.n_ctx_seq}", hint="load with a larger --ctx")
             if cur and (len(cur) == self.n_seq or used + n > self.n_batch):
                 waves.append(cur)
                 cur, used = [], 0
@@ -85,69 +201,142 @@ class ParallelContext:
             waves.append(cur)
         return waves
 
-    # -- public ----------------------------------------------------------------------------------------------
-    def greedy(self, prompts: Sequence[Sequence[int]], max_new: int, eos: int, keep: int | None = None,
-               tick: Callable[[int], None] | None = None) -> list[tuple[list[int], np.ndarray]]:
-        """Greedy continuation of every prompt: (new tokens, the logits each step chose from
-        [len(new) + (1 if stopped at ``eos``), n_vocab], only the first ``keep`` rows when ``keep`` is given)."""
+    def run(self, entries: Sequence[Entry], capture: bool = False):
+        """Decode ``entries`` in chunks of ``n_batch``: (logits of the flagged entries [n, n_vocab] -- a view of the
+        native buffer when one decode sufficed, else a copy --, routing capture concatenated over the chunks or None)."""
+        chunks = [entries[i: i + self.n_batch] for i in range(0, len(entries), self.n_batch)]
+        rows, caps = [], []
+        for chunk in chunks:
+            self.decode(chunk)
+            n = sum(1 for e in chunk if e[3])
+            if len(chunks) == 1:
+                rows.append(self.logits(n) if n else np.zeros((0, self.n_vocab), np.float32))
+            elif n:
+                rows.append(self.logits(n).copy())
+            if capture:
+                caps.append(self.capture())
+        logits = rows[0] if len(rows) == 1 else (np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), np.float32))
+        cap = None
+        if capture:
+            cap = {il: (np.concatenate([c[il][0] for c in caps]), np.concatenate([c[il][1] for c in caps]))
+                   for il in caps[0]}
+        return logits, cap
+
+    def start_wave(self, wave: Sequence[int], steerings: Sequence[Steering | None] | None) -> None:
+        """Empty the cache and give slot ``s`` the steering of sequence ``wave[s]``."""
+        self.clear_all()
+        for s, i in enumerate(wave):
+            self.set_sequence_steering(s, self._own(steerings[i] if steerings is not None else None))
+        for s in range(len(wave), self.n_seq):
+            self.set_sequence_steering(s, None)
+
+    def _own(self, steering: Steering | None) -> Steering | None:
+        """None when a sequence's steering is the Model's (then a uniform batch keeps the context-wide graph)."""
+        return None if steering is None or steering == self._model.steering else steering
+
+    def greedy(self, prompts: Sequence[Sequence[int]], max_new: int, is_eog: Callable[[int], bool],
+               keep: int | None = None, tick: Callable[[int], None] | None = None,
+               steerings: Sequence[Steering | None] | None = None,
+               sampler: Callable[[int, np.ndarray], int] | None = None) -> list[tuple[list[int], np.ndarray]]:
+        """Continue every prompt (greedy, or ``sampler(i, row)`` choosing prompt i's next token) until an
+        end-of-generation token or ``max_new`` tokens: (new tokens, the logits each step chose from
+        [len(new) + (1 if stopped at EOG), n_vocab], only the first ``keep`` rows when ``keep`` is given).
+
+        Continuous batching: one decode per step holds the next token of every running sequence plus the prompts
+        of sequences admitted into slots that finished, so the batch stays full until the queue runs dry."""
+        from collections import deque
+
         keep = max_new + 1 if keep is None else max(0, min(int(keep), max_new + 1))
+        for n in (len(p) for p in prompts):
+            if n + max_new > self.n_ctx_seq:
+                raise UserError(f"a sequence of {n} tokens + {max_new} new does not fit the context of "
+                                f"{self.n_ctx_seq}", hint="load with a larger --ctx")
         out: list[tuple[list[int], np.ndarray]] = [([], np.zeros((0, self.n_vocab), np.float32))] * len(prompts)
-        for wave in self._waves([len(p) for p in prompts], max_new):
-            self._ll.llama_memory_clear(self._mem, True)
-            entries = []
-            for s, i in enumerate(wave):
+        queue = deque(range(len(prompts)))
+        free = list(range(self.n_seq - 1, -1, -1))
+        run: dict[int, dict] = {}  # slot -> state of the sequence it holds
+        self.clear_all()
+        while queue or run:
+            entries: list[Entry] = []
+            flagged: list[int] = []
+            for slot, st in run.items():  # the last chosen token of each running sequence, at its position
+                entries.append((st["new"][-1], len(prompts[st["i"]]) + len(st["new"]) - 1, slot, True))
+                flagged.append(slot)
+            while queue and free and (not entries or len(entries) + len(prompts[queue[0]]) <= self.n_batch):
+                i, slot = queue.popleft(), free.pop()
+                self._ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
+                self.set_sequence_steering(slot, self._own(steerings[i] if steerings is not None else None))
                 toks = prompts[i]
-                entries.extend((int(t), j, s, j == len(toks) - 1) for j, t in enumerate(toks))
-            self._decode(entries)
-            n_w = len(wave)
-            new: list[list[int]] = [[] for _ in range(n_w)]
-            rows = [np.empty((keep, self.n_vocab), np.float32) for _ in range(n_w)]
-            n_rows = [0] * n_w
-            active = list(range(n_w))
-            logits = self._outputs(n_w)  # one flagged token (the last) per sequence, in wave order
-            while active:
-                step = []
-                for k, s in enumerate(active):
-                    if n_rows[s] < keep:
-                        rows[s][n_rows[s]] = logits[k]
-                        n_rows[s] += 1
-                    nxt = int(np.argmax(logits[k]))
-                    if nxt == eos:
-                        continue
-                    new[s].append(nxt)
-                    if len(new[s]) < max_new:
-                        step.append(s)
-                active = step
-                if active:
-                    self._decode([(new[s][-1], len(prompts[wave[s]]) + len(new[s]) - 1, s, True) for s in active])
-                    logits = self._outputs(len(active))
-            for s, i in enumerate(wave):
-                out[i] = (new[s], rows[s] if n_rows[s] == keep else rows[s][: n_rows[s]].copy())
-            if tick:
-                tick(len(wave))
+                entries.extend((int(t), j, slot, j == len(toks) - 1) for j, t in enumerate(toks))
+                flagged.append(slot)
+                run[slot] = {"i": i, "new": [], "rows": np.empty((keep, self.n_vocab), np.float32), "n_rows": 0}
+            logits, _ = self.run(entries)
+            for k, slot in enumerate(flagged):
+                st = run[slot]
+                row = logits[k]
+                if st["n_rows"] < keep:
+                    st["rows"][st["n_rows"]] = row
+                    st["n_rows"] += 1
+                nxt = int(np.argmax(row)) if sampler is None else sampler(st["i"], row)
+                done = is_eog(nxt)
+                if not done:
+                    st["new"].append(nxt)
+                    done = len(st["new"]) >= max_new
+                if done:
+                    rows = st["rows"] if st["n_rows"] == keep else st["rows"][: st["n_rows"]].copy()
+                    out[st["i"]] = (st["new"], rows)
+                    del run[slot]
+                    free.append(slot)
+                    if tick:
+                        tick(1)
         return out
 
     def score(self, seqs: Sequence[Sequence[int]], first: Sequence[int],
               reduce: Callable[[int, np.ndarray], object] | None = None,
-              tick: Callable[[int], None] | None = None) -> list:
+              tick: Callable[[int], None] | None = None,
+              steerings: Sequence[Steering | None] | None = None) -> list:
         """For each sequence, the next-token logits at positions ``first[i]`` .. ``len(seqs[i]) - 1``
         ([len - first, n_vocab]; row r predicts token ``first + r + 1``), or ``reduce(i, logits)`` computed on a
         view of the native buffer (no copy; the view is only valid during the call)."""
         empty = np.zeros((0, self.n_vocab), np.float32)
         out: list = [empty] * len(seqs)
-        for wave in self._waves([len(s) for s in seqs], 0):
-            self._ll.llama_memory_clear(self._mem, True)
+        for wave in self.waves([len(s) for s in seqs], 0):
+            self.start_wave(wave, steerings)
             entries, spans, n_out = [], {}, 0
             for s, i in enumerate(wave):
                 lo = min(max(0, int(first[i])), len(seqs[i]))
                 spans[i] = (n_out, n_out + len(seqs[i]) - lo)
                 n_out = spans[i][1]
                 entries.extend((int(t), j, s, j >= lo) for j, t in enumerate(seqs[i]))
-            self._decode(entries)
-            logits = self._outputs(n_out) if n_out else empty
+            logits, _ = self.run(entries)
             for i in wave:
                 rows = logits[spans[i][0]: spans[i][1]]
                 out[i] = rows.copy() if reduce is None else reduce(i, rows)
             if tick:
                 tick(len(wave))
+        return out
+
+    def routing(self, seqs: Sequence[Sequence[int]], steerings: Sequence[Steering | None] | None = None,
+                tick: Callable[[int], None] | None = None) -> list[dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """The experts every token of every sequence selected: per sequence {layer: (ids [n, k], weights [n, k])}.
+        All rows are requested as outputs, so the last MoE layer is computed for every token too."""
+        was = self._capture
+        self.set_capture(True)
+        out: list = [None] * len(seqs)
+        try:
+            for wave in self.waves([len(s) for s in seqs], 0):
+                self.start_wave(wave, steerings)
+                entries, spans, n = [], {}, 0
+                for s, i in enumerate(wave):
+                    spans[i] = (n, n + len(seqs[i]))
+                    n += len(seqs[i])
+                    entries.extend((int(t), j, s, True) for j, t in enumerate(seqs[i]))
+                _, cap = self.run(entries, capture=True)
+                for i in wave:
+                    a, b = spans[i]
+                    out[i] = {il: (ids[a:b], w[a:b]) for il, (ids, w) in cap.items()}
+                if tick:
+                    tick(len(wave))
+        finally:
+            self.set_capture(was)
         return out
