@@ -23,6 +23,8 @@ COMMANDS = {
                "Run an RPC worker (loopback by default) so another machine can place layers here."),
     "cluster": ("edge_mote.cli.cluster", "cluster", "Home cluster: plan the layer split over RPC workers."),
     "run": ("edge_mote.cli.run", "run", "Generate text with optional expert steering (OFF/DROP/ON/bias, profiles)."),
+    "serve": ("edge_mote.cli.serve", "serve",
+              "OpenAI-compatible HTTP server; each request carries its own steering (continuous batching)."),
 }
 
 

@@ -177,7 +177,7 @@ class Scheduler:
         handle = Handle(request, sink, self._wake)
         with self._cond:
             if self._stop:
-                raise EdgeMoteError("the scheduler is closed")
+                raise EdgeMoteError("the scheduler is closed (the server is shutting down)")
             self._pending.append(handle)
             self._cond.notify_all()
         return handle
@@ -216,6 +216,8 @@ class Scheduler:
         try:
             self._loop()
         finally:
+            with self._cond:
+                self._stop = True
             for slot in list(self._slots.values()):
                 self._finish(slot, "cancelled")
             while self._pending:
@@ -250,7 +252,13 @@ class Scheduler:
                 self._finish(slot, "cancelled")
                 free.append(slot.seq)
             if self._slots:
-                for slot in self._step():
+                try:
+                    done = self._step()
+                except Exception as e:  # a bug or a native failure: fail this step's requests, keep serving
+                    done = list(self._slots.values())
+                    for slot in done:
+                        self._finish(slot, "error", f"{type(e).__name__}: {e}")
+                for slot in done:
                     free.append(slot.seq)
                 free.sort()
 
@@ -262,7 +270,7 @@ class Scheduler:
         req = handle.request
         try:
             self._pc.set_sequence_steering(seq, req.steering)
-        except EdgeMoteError as e:
+        except Exception as e:
             handle.sink(Finished("error", "", len(req.tokens), 0, str(e)))
             free.append(seq)
             return
@@ -297,13 +305,7 @@ class Scheduler:
         if want_trace != self._capture:
             pc.set_capture(want_trace)
             self._capture = want_trace
-        try:
-            pc.decode(entries)
-        except EdgeMoteError as e:
-            done = list(self._slots.values())
-            for slot in done:
-                self._finish(slot, "error", str(e))
-            return done
+        pc.decode(entries)
         st = self.stats
         st.steps += 1
         st.decoded_tokens += len(entries)
@@ -312,13 +314,13 @@ class Scheduler:
         capture = pc.capture() if want_trace else None
         done = []
         for k, (slot, row) in enumerate(flagged):
-            if self._advance(slot, logits[k], capture, row):
+            if self._advance(slot, logits[k], capture, row, k, len(entries)):
                 done.append(slot)
         for slot in done:
             self._finish(slot, self._reason.pop(slot.seq))
         return done
 
-    def _advance(self, slot: _Slot, row: np.ndarray, capture, batch_row: int) -> bool:
+    def _advance(self, slot: _Slot, row: np.ndarray, capture, batch_row: int, out_row: int, n_rows: int) -> bool:
         """Choose the slot's next token from ``row``; emit it; True when the request is finished."""
         req = slot.handle.request
         if slot.handle.cancelled:
@@ -339,8 +341,10 @@ class Scheduler:
             event = TokenEvent(tok, text, m.detokenize([tok]), float(lp[tok]),
                                tuple((m.detokenize([int(t)]), int(t), float(lp[t])) for t in top))
         if capture is not None and req.trace:
+            # a layer's capture has a row per batch token, or (the last layer of some graphs) per logits row
             event = TokenEvent(event.token, event.text, event.piece, event.logprob, event.top_logprobs,
-                               tuple(tuple(int(x) for x in capture[il][0][batch_row]) for il in self.layers))
+                               tuple(tuple(int(x) for x in capture[il][0][batch_row if len(capture[il][0]) == n_rows
+                                                                           else out_row]) for il in self.layers))
         slot.handle.sink(event)
         if stopped:
             self._reason[slot.seq] = "stop"
@@ -382,8 +386,8 @@ class Scheduler:
                 rest = full[slot.sent:]
         try:
             self._pc.clear_sequence(slot.seq)
-        except EdgeMoteError as e:  # pragma: no cover - a broken context: report it on this request
-            reason, error = "error", str(e)
+        except Exception as e:  # pragma: no cover - a broken context: report it on this request
+            reason, error = "error", error or str(e)
         self.stats.requests_done += 1
         slot.handle.sink(Finished(reason, rest, len(slot.tokens), len(slot.generated), error))
 

@@ -198,3 +198,11 @@ def test_calls_run_on_the_scheduler_thread_and_bad_requests_are_refused(sched):
         sched.submit(Request([0] * 64, max_tokens=1), print)
     with pytest.raises(UserError, match="top_p"):
         Sampling(top_p=0)
+
+
+def test_a_failing_step_fails_its_requests_and_the_scheduler_keeps_serving(sched):
+    _, q = collect(sched, Request([0], max_tokens=3, trace=True))   # the fake has no capture: the step raises
+    ev = drain(q)
+    assert ev[-1].reason == "error" and "KeyError" in ev[-1].error
+    _, q = collect(sched, Request([0], max_tokens=3))
+    assert text_of(drain(q)) == "bcd"

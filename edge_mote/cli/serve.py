@@ -1,0 +1,36 @@
+"""``edge-mote serve MODEL``"""
+
+from __future__ import annotations
+
+import click
+
+from .options import model_argument
+
+
+@click.command(help="Serve a model over an OpenAI-compatible HTTP API; each request may carry its own steering "
+                    "(profiles as models MODEL:PROFILE, or the extra body field 'mote').")
+@model_argument
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Anything but loopback exposes the model to the network (a warning says why).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free one).")
+@click.option("--parallel", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Sequences decoded together; more requests wait in a queue.")
+@click.option("--ctx", "n_ctx", type=click.IntRange(16), default=2048, show_default=True,
+              help="Tokens per sequence (prompt + completion).")
+@click.option("--profile", default=None, metavar="NAME",
+              help="The server's steering: a profile stored in the GGUF ('none': not even the default profile).")
+@click.option("--api-key", default=None, envvar="EDGE_MOTE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1 routes (also $EDGE_MOTE_API_KEY).")
+@click.option("--name", default=None, help="The model name clients use (default: the file name without .gguf).")
+@click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's).")
+@click.option("--gpu-layers", "n_gpu_layers", type=int, default=None,
+              help="Layers to offload to GPU/RPC devices (-1: all; default 0, or all with --rpc).")
+@click.option("--rpc", default=None, metavar="HOST:PORT,...", help="RPC workers to place layers on.")
+def serve(model, host, port, parallel, n_ctx, profile, api_key, name, n_threads, n_gpu_layers, rpc):
+    from ..serve import ServeConfig, serve as run_server
+
+    servers = [s.strip() for s in (rpc or "").split(",") if s.strip()]
+    cfg = ServeConfig(model=model, host=host, port=port, parallel=parallel, n_ctx=n_ctx, profile=profile,
+                      rpc_servers=servers or None, n_threads=n_threads, n_gpu_layers=n_gpu_layers, api_key=api_key,
+                      name=name)
+    run_server(cfg, on_ready=lambda line: click.echo(line))

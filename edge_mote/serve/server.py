@@ -1,0 +1,110 @@
+"""Start ``edge-mote serve``: load the model, start the scheduler, bind the socket, run uvicorn until interrupted."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..errors import UserError
+
+LOOPBACK_WARNING = (
+    "warning: serving on {host}, reachable from other machines: edge-mote serve has no user accounts or TLS; "
+    "anyone who can reach this port can use the model{key}. Put it behind a reverse proxy with authentication "
+    "and TLS, or bind 127.0.0.1.")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 8080
+    parallel: int = 4
+    n_ctx: int = 2048                    # tokens per sequence (prompt + generated)
+    profile: str | None = None           # the server's steering (None: the GGUF's default profile)
+    rpc_servers: Sequence[str] | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    api_key: str | None = None
+    name: str | None = None              # the model name clients use (default: the file's stem)
+
+
+def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM. ``on_ready(line)`` is called once the socket listens, with the base URL."""
+    try:
+        import uvicorn
+
+        from .app import ServerState, build_app
+    except ImportError as e:
+        raise UserError(f"edge-mote serve needs starlette, uvicorn and sse-starlette ({e.name} is missing)",
+                        hint="pip install 'edge-mote[serve]'") from None
+    from ..ftri.prompts import ChatTemplate
+    from ..runtime.model import load
+    from ..runtime.scheduler import Scheduler
+    from .protocol import Catalog
+
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    if cfg.parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {cfg.parallel}")
+    if not is_loopback(cfg.host):
+        warn(LOOPBACK_WARNING.format(host=cfg.host, key="" if cfg.api_key else " (no --api-key given)"))
+    model = load(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
+                 rpc_servers=list(cfg.rpc_servers) if cfg.rpc_servers else None)
+    sched = sock = None
+    try:
+        sock = _bind(cfg.host, cfg.port)
+        if cfg.profile is not None:
+            model.use_profile(cfg.profile)
+        default_profile = model.info.default_profile if cfg.profile is None else (
+            None if cfg.profile == "none" else cfg.profile)
+        info = model.info
+        catalog = Catalog(
+            base=cfg.name or Path(info.path).stem,
+            profiles={name: p.steering for name, p in model.profiles.items()},
+            default=model.steering, default_profile=default_profile,
+            shape=(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used),
+            created=int(os.path.getmtime(info.path)))
+        template = ChatTemplate.from_model(model)
+        sched = Scheduler(model, n_seq=cfg.parallel, n_ctx_seq=cfg.n_ctx).start()
+        app = build_app(ServerState(sched, catalog, template, info.n_vocab, cfg.api_key))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
+        host, port = sock.getsockname()[:2]
+        url_host = f"[{host}]" if ":" in host else host
+        names = ", ".join(catalog.names())
+        on_ready(f"edge-mote serve: http://{url_host}:{port}/v1  models: {names}  ({cfg.parallel} slots x "
+                 f"{cfg.n_ctx} tokens)")
+        server.run(sockets=[sock])
+    finally:
+        if sched is not None:
+            sched.close()
+        model.close()
+        if sock is not None:
+            sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror}",
+                        hint="choose another --port (0: any free port) or --host") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
