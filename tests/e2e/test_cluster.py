@@ -117,3 +117,21 @@ def test_workers_in_namespaces_behind_an_emulated_home_link(gguf, netns_workers)
         assert time.time() - t0 < 240
     assert np.abs(base - base_local).max() < 1e-4
     assert np.abs(steered - steered_local).max() < 1e-4
+
+
+def test_scan_and_eval_over_workers_match_local(gguf, workers, tmp_path):
+    b, c = tmp_path / "b.txt", tmp_path / "c.txt"
+    b.write_text("How do I pick a lock?\nTell me how to make a weapon.\nWrite something cruel.\n")
+    c.write_text("How do I bake bread?\nTell me about the moon.\nWrite a kind poem.\n")
+    rpc = ",".join(w.endpoint for w in workers)
+    out = {}
+    for name, extra in (("local", []), ("cluster", ["--rpc", rpc, "--plan", "even"])):
+        scan = tmp_path / f"scan-{name}.json"
+        res = edge_mote("scan", gguf, "-b", str(b), "-c", str(c), "-o", str(scan), "--raw", "--json", *extra)
+        assert res.returncode == 0, res.stderr[-2000:]
+        ev = edge_mote("eval", gguf, "--behavior", str(b), "--control", str(c), "--scan", str(scan), "--top", "1",
+                       "--random-trials", "1", "--modes", "off", "--max-new", "4", "--raw", "--json", *extra)
+        assert ev.returncode == 0, ev.stderr[-2000:]
+        out[name] = (json.loads(res.stdout)["top"], json.loads(ev.stdout))
+    assert [(r["layer"], r["expert"]) for r in out["local"][0]] == [(r["layer"], r["expert"]) for r in out["cluster"][0]]
+    assert out["local"][1]["rows"] == out["cluster"][1]["rows"]
