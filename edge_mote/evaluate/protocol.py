@@ -102,53 +102,69 @@ class _Evaluator:
         self.ref: list[tuple[list[int], np.ndarray]] = [
             (new, log_softmax(rows[: 1 + min(len(new), KL_TOKENS)]).astype(np.float32)) for new, rows in outs]
 
-    def _answer_nll(self, prepared: Sequence[Prepared]) -> tuple[float, float]:
-        """Summed NLL and count of the reference answers of ``prepared`` under the current steering."""
+    def _answer_nll(self, prepared: Sequence[Prepared], steerings: Sequence[Steering]) -> list[tuple[float, float]]:
+        """Per steering: summed NLL and count of the reference answers of ``prepared``, all decoded together."""
         with_answer = [p for p in prepared if p.answer]
-        scores = self.m.score_many([p.tokens + p.answer for p in with_answer],
-                                   [len(p.tokens) - 1 for p in with_answer],
-                                   reduce=lambda i, rows: answer_nll(rows, 1, with_answer[i].answer))  # rows from the last prompt token
-        return sum(s for s, _ in scores), sum(c for _, c in scores)
+        n = len(with_answer)
+        if not n:
+            return [(0.0, 0.0)] * len(steerings)
+        scores = self.m.score_many([p.tokens + p.answer for p in with_answer] * len(steerings),
+                                   [len(p.tokens) - 1 for p in with_answer] * len(steerings),  # rows from the last prompt token
+                                   reduce=lambda i, rows: answer_nll(rows, 1, with_answer[i % n].answer),
+                                   steerings=[s for s in steerings for _ in range(n)])
+        return [(sum(sc for sc, _ in scores[k * n:(k + 1) * n]), sum(c for _, c in scores[k * n:(k + 1) * n]))
+                for k in range(len(steerings))]
+
+    def measure_many(self, steerings: Sequence[Steering]) -> list[dict[str, float]]:
+        """The metrics of every steering; all configurations share decodes (each sequence with its own steering)."""
+        m, det, k = self.m, self.detector, len(steerings)
+        nb, nc = len(self.behavior), len(self.control)
+        outs_b = m.greedy_many([p.tokens for p in self.behavior] * k, self.max_new, keep_logits=0, tick=self.tick,
+                               steerings=[s for s in steerings for _ in range(nb)])
+        outs_c = m.greedy_many([p.tokens for p in self.control] * k, self.max_new, keep_logits=0, tick=self.tick,
+                               steerings=[s for s in steerings for _ in range(nc)])
+        nll_b, nll_c = self._answer_nll(self.behavior, steerings), self._answer_nll(self.control, steerings)
+        # KL(unsteered || steered), teacher-forced on the unsteered response
+        kls = m.score_many([p.tokens + ref_new[:KL_TOKENS] for p, (ref_new, _) in zip(self.control, self.ref)] * k,
+                           [len(p.tokens) - 1 for p in self.control] * k,
+                           reduce=lambda i, rows: kl_divergence(self.ref[i % nc][1], rows[: len(self.ref[i % nc][1])]),
+                           steerings=[s for s in steerings for _ in range(nc)])
+        results = []
+        for c in range(k):
+            b_dec = b_phr = compliant = 0
+            ref_hits = ref_n = 0
+            for p, (new, _) in zip(self.behavior, outs_b[c * nb:(c + 1) * nb]):
+                text = m.detokenize(new)
+                dec, phr = det.decision(text), det.phrase(text)
+                b_dec += dec
+                b_phr += phr
+                compliant += (not dec) and is_coherent(text)
+                if p.answer:
+                    n_ref = min(3, len(p.answer))
+                    ref_hits += new[:n_ref] == p.answer[:n_ref]
+                    ref_n += 1
+            c_dec = c_phr = 0
+            for new, _ in outs_c[c * nc:(c + 1) * nc]:
+                text = m.detokenize(new)
+                c_dec += det.decision(text)
+                c_phr += det.phrase(text)
+            kl = kls[c * nc:(c + 1) * nc]
+            kl_first = [float(x[0]) for x in kl]
+            kl_mean = [float(x.mean()) for x in kl]
+            db, dc = max(nb, 1), max(nc, 1)
+            results.append({
+                "behavior_decision": b_dec / db, "behavior_phrase": b_phr / db, "compliant": compliant / db,
+                "reference_match": ref_hits / ref_n if ref_n else float("nan"),
+                "control_decision": c_dec / dc, "control_phrase": c_phr / dc,
+                "kl_first": float(np.mean(kl_first)) if kl_first else float("nan"),
+                "kl_mean": float(np.mean(kl_mean)) if kl_mean else float("nan"),
+                "ppl_control": perplexity(nll_c[c][0], int(nll_c[c][1])),
+                "ppl_behavior": perplexity(nll_b[c][0], int(nll_b[c][1])),
+            })
+        return results
 
     def measure(self, steering: Steering) -> dict[str, float]:
-        m, det = self.m, self.detector
-        m.set_steering(steering)
-        b_dec = b_phr = compliant = 0
-        ref_hits = ref_n = 0
-        for p, (new, _) in zip(self.behavior, m.greedy_many([p.tokens for p in self.behavior], self.max_new,
-                                                            keep_logits=0, tick=self.tick)):
-            text = m.detokenize(new)
-            dec, phr = det.decision(text), det.phrase(text)
-            b_dec += dec
-            b_phr += phr
-            compliant += (not dec) and is_coherent(text)
-            if p.answer:
-                k = min(3, len(p.answer))
-                ref_hits += new[:k] == p.answer[:k]
-                ref_n += 1
-        nll_b, n_b = self._answer_nll(self.behavior)
-        c_dec = c_phr = 0
-        outs = m.greedy_many([p.tokens for p in self.control], self.max_new, keep_logits=0, tick=self.tick)
-        for new, _ in outs:
-            text = m.detokenize(new)
-            c_dec += det.decision(text)
-            c_phr += det.phrase(text)
-        # KL(unsteered || steered), teacher-forced on the unsteered response
-        kls = m.score_many([p.tokens + ref_new[:KL_TOKENS] for p, (ref_new, _) in zip(self.control, self.ref)],
-                           [len(p.tokens) - 1 for p in self.control],
-                           reduce=lambda i, rows: kl_divergence(self.ref[i][1], rows[: len(self.ref[i][1])]))
-        kl_first = [float(kl[0]) for kl in kls]
-        kl_mean = [float(kl.mean()) for kl in kls]
-        nll_c, n_c = self._answer_nll(self.control)
-        nb, nc = max(len(self.behavior), 1), max(len(self.control), 1)
-        return {
-            "behavior_decision": b_dec / nb, "behavior_phrase": b_phr / nb, "compliant": compliant / nb,
-            "reference_match": ref_hits / ref_n if ref_n else float("nan"),
-            "control_decision": c_dec / nc, "control_phrase": c_phr / nc,
-            "kl_first": float(np.mean(kl_first)) if kl_first else float("nan"),
-            "kl_mean": float(np.mean(kl_mean)) if kl_mean else float("nan"),
-            "ppl_control": perplexity(nll_c, int(n_c)), "ppl_behavior": perplexity(nll_b, int(n_b)),
-        }
+        return self.measure_many([steering])[0]
 
 
 def _steering(mode: str, experts: Sequence[tuple[int, int]]) -> Steering:
@@ -189,8 +205,12 @@ def top_experts(ranking: Sequence[tuple[int, int]], n: int, mode: str, n_expert:
 def evaluate(model, behavior: Sequence[Prepared], control: Sequence[Prepared], ranking: Sequence[tuple[int, int]],
              tops: Sequence[int] = (1, 5, 10), modes: Sequence[str] = MODES, random_trials: int = 5, seed: int = 0,
              max_new: int = 16, detector: BehaviorDetector = REFUSAL,
-             progress: Callable[[int], Callable[[], None]] | None = None) -> EvalReport:
-    """Run the protocol on a loaded model (see the module docstring). ``ranking``: experts, most behaviour-linked first."""
+             progress: Callable[[int], Callable[[], None]] | None = None,
+             batch_configurations: bool = True) -> EvalReport:
+    """Run the protocol on a loaded model (see the module docstring). ``ranking``: experts, most behaviour-linked first.
+
+    All configurations share decodes (each sequence carries its own steering) unless ``batch_configurations`` is
+    False (one configuration after another, as before per-sequence steering; kept for benchmarks)."""
     info = model.info
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -203,26 +223,31 @@ def evaluate(model, behavior: Sequence[Prepared], control: Sequence[Prepared], r
     n_configs = 1 + len(tops) * len(modes) * (1 + random_trials)
     tick = progress(n_configs * (len(behavior) + len(control)) + len(control)) if progress else None
     ev = _Evaluator(model, behavior, control, detector, max_new, tick)
-    previous = model.steering
-    rows = [Row("unsteered", None, 0, ev.measure(Steering()))]
-    try:
-        for n in tops:
-            for mode in modes:
-                top = top_experts(ranking, n, mode, info.n_expert, info.n_expert_used)
-                s = _steering(mode, top)
-                rows.append(Row(f"top-{n} {mode}", mode, n, ev.measure(s), steering=str(s)))
-                if random_trials:
-                    trials = []
-                    for t in range(random_trials):
-                        pick = draw_random(n, mode, set(top), info.moe_layers, info.n_expert, info.n_expert_used,
-                                           np.random.default_rng(seed + t))
-                        trials.append(ev.measure(_steering(mode, pick)))
-                    mean = {k: float(np.nanmean([tr[k] for tr in trials])) if not all(math.isnan(tr[k]) for tr in trials)
-                            else float("nan") for k in METRICS}
-                    sd = {k: float(np.nanstd([tr[k] for tr in trials])) if not all(math.isnan(tr[k]) for tr in trials)
-                          else float("nan") for k in METRICS}
-                    rows.append(Row(f"random-{n} {mode}", mode, n, mean, sd, trials=random_trials))
-    finally:
-        model.set_steering(previous)
+    # every configuration first, then one batched measurement of all of them
+    configs: list[tuple[str, str | None, int, list[Steering]]] = [("unsteered", None, 0, [Steering()])]
+    for n in tops:
+        for mode in modes:
+            top = top_experts(ranking, n, mode, info.n_expert, info.n_expert_used)
+            configs.append((f"top-{n} {mode}", mode, n, [_steering(mode, top)]))
+            if random_trials:
+                picks = [draw_random(n, mode, set(top), info.moe_layers, info.n_expert, info.n_expert_used,
+                                     np.random.default_rng(seed + t)) for t in range(random_trials)]
+                configs.append((f"random-{n} {mode}", mode, n, [_steering(mode, p) for p in picks]))
+    all_steerings = [s for *_, ss in configs for s in ss]
+    if batch_configurations:
+        measured = iter(ev.measure_many(all_steerings))
+    else:
+        measured = iter([ev.measure(s) for s in all_steerings])
+    rows = []
+    for name, mode, n, ss in configs:
+        trials = [next(measured) for _ in ss]
+        if name.startswith("random-"):
+            mean = {k: float(np.nanmean([tr[k] for tr in trials])) if not all(math.isnan(tr[k]) for tr in trials)
+                    else float("nan") for k in METRICS}
+            sd = {k: float(np.nanstd([tr[k] for tr in trials])) if not all(math.isnan(tr[k]) for tr in trials)
+                  else float("nan") for k in METRICS}
+            rows.append(Row(name, mode, n, mean, sd, trials=len(trials)))
+        else:
+            rows.append(Row(name, mode, n, trials[0], steering=str(ss[0]) if mode else ""))
     return EvalReport(rows, detector, len(behavior), len(control), max_new, seed, random_trials,
                       time.perf_counter() - t0)

@@ -1,8 +1,9 @@
-"""With no steering set, the patched build computes the very same graph as stock llama.cpp (node for node).
+"""With no steering set, the patched build computes the very same graph as stock llama.cpp (node for node); a batch
+whose tokens all share one steering computes the graph of that steering set context-wide, even when other
+sequences carry their own (issue #11); only a batch mixing steerings gathers per-token rows.
 
-A child process creates a context with llama.cpp's eval callback, which is asked about every graph node, and lists
-the nodes' names and ops during one decode. Stock and patched-unsteered lists must be identical; with steering on,
-the patched graph must contain the steering nodes (so the comparison is not vacuous).
+A child process creates a context (2 sequences, unified KV cache) with llama.cpp's eval callback, which is asked about
+every graph node, and lists the nodes' names and ops during one decode.
 """
 
 from __future__ import annotations
@@ -33,17 +34,30 @@ mp = C.llama_model_default_params()
 model = C.llama_model_load_from_file(gguf.encode(), mp)
 cp = C.llama_context_default_params()
 cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_threads, cp.n_threads_batch = 128, 64, 64, 1, 1
+cp.n_seq_max, cp.kv_unified = 2, True
 cp.cb_eval = cb
 ctx = C.llama_init_from_model(model, cp)
+seqs = [0] * 8
 if steer != "none":
     from edge_mote.runtime import bindings as B
     lib = B.lib()  # declares the patch's functions
     L, E = lib.llama_model_n_layer_all(model), lib.llama_model_n_expert(model)
     state = (ctypes.c_int8 * (L * E))()
     state[E + 1] = 1   # layer 1, expert 1 OFF
-    assert lib.llama_set_expert_steering(ctx, state, None, 0.01, L, E) == 0
-toks = (C.llama_token * 8)(*[464, 2068, 7586, 21831, 18045, 625, 262, 16931])
-batch = C.llama_batch_get_one(toks, 8)
+    if steer == "off":                      # context-wide
+        assert lib.llama_set_expert_steering(ctx, state, None, 0.01, L, E) == 0
+    else:                                   # sequence 1 only
+        assert lib.llama_set_expert_steering_seq(ctx, 1, state, None, 0.01, L, E) == 0
+        seqs = {"seq-uniform": [1] * 8, "seq-unsteered": [0] * 8, "seq-mixed": [0, 1] * 4}[steer]
+toks = [464, 2068, 7586, 21831, 18045, 625, 262, 16931]
+batch = C.llama_batch_init(8, 0, 1)
+pos = {0: 0, 1: 0}
+for i, (t, s) in enumerate(zip(toks, seqs)):
+    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos[s], 1, i == 7
+    batch.seq_id[i][0] = s
+    pos[s] += 1
+batch.n_tokens = 8
+nodes.clear()
 assert C.llama_decode(ctx, batch) == 0
 print(json.dumps({"patched": hasattr(lib, "llama_set_expert_steering"), "nodes": nodes}))
 """
@@ -69,3 +83,18 @@ def test_unsteered_graph_is_the_stock_graph(arch, tiny_model, stock_lib_dir):
     assert plain["nodes"] == stock["nodes"]
     extra = [n for n in steered["nodes"] if "steered" in n or "moe_steer" in n]
     assert extra and len(steered["nodes"]) > len(plain["nodes"])
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseekv3", "gptoss"])
+def test_uniform_batches_keep_the_context_wide_graph(arch, tiny_model, stock_lib_dir):
+    gguf = tiny_model(arch)[1]
+    stock, context_wide = graph(gguf, stock_lib_dir), graph(gguf, steer="off")
+    # sequence 1 steered, the batch only holds sequence 1: exactly the graph of that steering set context-wide
+    assert graph(gguf, steer="seq-uniform")["nodes"] == context_wide["nodes"]
+    # sequence 1 steered, the batch only holds the unsteered sequence 0: exactly the stock graph
+    assert graph(gguf, steer="seq-unsteered")["nodes"] == stock["nodes"]
+    # both sequences in one batch: per-token rows are gathered by a slot index
+    mixed = graph(gguf, steer="seq-mixed")["nodes"]
+    get_rows = lambda ns: sum(n.endswith("|GET_ROWS") for n in ns)
+    assert get_rows(mixed) > get_rows(context_wide["nodes"])
+    assert any("steered" in n for n in mixed)

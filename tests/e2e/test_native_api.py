@@ -75,3 +75,21 @@ def test_dense_model_reports_not_moe(dense_gguf):
         assert d._lib.llama_set_expert_capture(d._ctx, True) == -2
         with pytest.raises(edge_mote.UserError, match="not a Mixture-of-Experts model"):
             d.routing(d.tokenize("hi"))
+
+
+def test_rejected_default_profile_is_not_reported_as_applied(tiny_model, native, tmp_path):
+    """A GGUF default profile that the C side refuses (here: every expert of a layer OFF) leaves the model unsteered,
+    and the Python side says so instead of reporting the profile as applied."""
+    from edge_mote.gguf_meta.profiles import Profile, read_profiles, write_profiles
+
+    src = tiny_model("qwen3moe")[1]
+    with edge_mote.load(src, n_ctx=64) as m:
+        layer, E = m.info.moe_layers[0], m.info.n_expert
+    bad = edge_mote.Steering(off=[(layer, e) for e in range(E)])
+    out = write_profiles(src, tmp_path / "bad-default.gguf", {"all-off": Profile("all-off", bad)}, default="all-off")
+    assert read_profiles(out)[1] == "all-off"  # stored as the default ...
+    with edge_mote.load(out, n_ctx=64) as m:  # ... but not applied
+        assert m.info.default_profile is None
+        assert not m.steering
+        assert m.default_profile_error
+        assert "all-off" in m.info.profiles
