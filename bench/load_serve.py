@@ -35,7 +35,7 @@ PROFILE = "no-refusal"
 STEERINGS = ("none", "profile", "random-off", "on")
 
 
-def organism_with_profile(out_dir: Path | None = None) -> tuple[Path, list[tuple[int, int]], list[str], tuple]:
+def organism_with_profile(org_dir: Path | None = None) -> tuple[Path, list[tuple[int, int]], list[str], tuple]:
     """The organism (built once, cached) copied with profile ``no-refusal`` (its planted refusal experts OFF);
     returns (gguf, those experts, prompts: held-out sensitive and neutral, (n_expert, n_expert_used))."""
     from edge_mote.api import add_profile
@@ -45,9 +45,10 @@ def organism_with_profile(out_dir: Path | None = None) -> tuple[Path, list[tuple
     from edge_mote.steering import Steering
 
     cache = Path(os.environ.get("EDGE_MOTE_CACHE", Path.home() / ".cache" / "edge-mote")).expanduser()
-    org = build_organism(cache / "bench-models" / "organism", seed=0, progress=False)
+    org = build_organism(org_dir or cache / "bench-models" / "organism", seed=0, progress=False)
     experts = [(int(d["layer"]), int(d["expert"])) for d in org.meta["trainable_experts"]]
-    out = Path(out_dir or org.gguf.parent) / "organism.gguf"
+    out = org.gguf.parent / "served" / "organism.gguf"
+    out.parent.mkdir(exist_ok=True)
     if not out.exists() or PROFILE not in read_profiles(out)[0]:
         add_profile(org.gguf, out, PROFILE, Steering(off=experts), "the planted refusal experts OFF")
     prompts = []
@@ -194,8 +195,10 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--organism", type=Path, default=None,
+                    help="folder of an organism build to reuse (default: built once under the cache)")
     a = ap.parse_args()
-    model, _, prompts, shape = organism_with_profile()
+    model, _, prompts, shape = organism_with_profile(a.organism)
     reqs = make_requests(a.requests, prompts, shape, a.max_tokens)
     server = ServerProcess(model, "--parallel", str(a.parallel), "--ctx", "256", "--threads", str(a.threads))
     try:

@@ -108,6 +108,7 @@ def test_openai_client_with_profile_as_model_and_extra_body(server, served):
     b = client.chat.completions.create(model="organism", messages=messages, max_tokens=N, temperature=0,
                                        extra_body={"mote": {"profile": PROFILE}})
     assert a.choices[0].message.content == b.choices[0].message.content == ref
+    assert b.model_extra["mote"]["profile"] == PROFILE and b.model_extra["mote"]["steering"].startswith("off=")
     streamed = client.chat.completions.create(model=f"organism:{PROFILE}", messages=messages, max_tokens=N,
                                               temperature=0, stream=True, stream_options={"include_usage": True})
     chunks = list(streamed)
