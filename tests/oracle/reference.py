@@ -25,7 +25,9 @@ Semantics, per token, in this order:
 6. gate weights: the arch's usual weights of the selected experts from the modified logits
    (softmax over all experts / sigmoid / softmax over the k selected logits); DROP experts among
    the selected get weight 0 (gpt-oss: logit ``-inf`` before the post-top-k softmax) *before* the
-   arch's usual normalisation; then the arch's usual normalisation and routed scaling.
+   arch's usual normalisation; then the arch's usual normalisation and routed scaling. In a row with
+   a DROP, a renormalising arch divides by ``max(sum, 2^-14)`` (``routers.DROP_NORM_FLOOR``, llama.cpp's
+   guard): dropping the experts that carry a token does not amplify the near-zero weights of the rest.
 
 Returned routing uses **rows sorted by expert id, ascending** (ids and weights permuted together).
 If every selected expert of a token is dropped, its routed weights are all 0 (no NaN).
@@ -147,7 +149,7 @@ def _softmax_router_forward(family: str, s: _LayerSteer, rec: _LayerRecord) -> C
         weights = probs.gather(1, idx)
         weights = torch.where(s.drop[idx], torch.zeros_like(weights), weights)
         if normalise:
-            weights = _safe_normalise(weights)
+            weights = _safe_normalise(weights, dropped=s.drop[idx].any(dim=-1))
         if family != "mixtral":
             weights = weights.to(router_logits.dtype)
         rec.ids.append(idx.detach().clone())
@@ -184,8 +186,7 @@ def _deepseek_router_forward(s: _LayerSteer, rec: _LayerRecord) -> Callable[...,
         topk_weights = scores.gather(1, topk_indices)
         topk_weights = torch.where(s.drop[topk_indices], torch.zeros_like(topk_weights), topk_weights)
         if self.norm_topk_prob:
-            denominator = topk_weights.sum(dim=-1, keepdim=True) + 1e-20
-            topk_weights = topk_weights / denominator
+            topk_weights = _safe_normalise(topk_weights, eps=1e-20, dropped=s.drop[topk_indices].any(dim=-1))
         topk_weights = topk_weights * self.routed_scaling_factor
         rec.ids.append(topk_indices.detach().clone())
         rec.weights.append(topk_weights.detach().clone())

@@ -77,10 +77,23 @@ def selection_gap(sel: torch.Tensor, k: int) -> float:
     return float(gaps.min()) if gaps.numel() else POS_INF
 
 
-def safe_normalise(w: torch.Tensor, eps: float = 0.0, clamp: float | None = None) -> torch.Tensor:
-    """``w / denom`` with ``denom = sum + eps`` (or ``max(sum, clamp)``); all-zero rows stay zero."""
+#: After a DROP, the remaining selected weights are renormalised by ``max(sum, DROP_NORM_FLOOR)``: llama.cpp's
+#: normalisation guard (2^-14, the smallest normal F16), so that dropping the experts that carry a token's routing
+#: does not blow up the near-zero weights of the others. Rows without a DROP use the arch's own normalisation.
+DROP_NORM_FLOOR: Final[float] = 6.103515625e-5
+
+
+def safe_normalise(
+    w: torch.Tensor, eps: float = 0.0, clamp: float | None = None, dropped: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``w / denom`` with ``denom = sum + eps`` (or ``max(sum, clamp)``); all-zero rows stay zero.
+
+    ``dropped`` (bool [n_tokens]): rows where a selected expert was DROPped use ``max(sum, DROP_NORM_FLOOR)``.
+    """
     total = w.sum(dim=-1, keepdim=True)
     denom = torch.clamp(total, min=clamp) if clamp is not None else (total + eps if eps else total)
+    if dropped is not None and bool(dropped.any()):
+        denom = torch.where(dropped.unsqueeze(-1), torch.clamp(total, min=DROP_NORM_FLOOR), denom)
     return torch.where(total > 0, w / denom, torch.zeros_like(w))
 
 
@@ -152,9 +165,15 @@ def spec_forward(spec: RouterSpec, s: LayerSteer, rec: LayerRecord) -> Callable[
             check_selection(sel, idx)
             top_x = x.gather(1, idx)
             if spec.gating == "topk_softmax":
-                top_x = torch.where(s.drop[idx], torch.full_like(top_x, NEG_INF), top_x)
-                weights = torch.softmax(top_x.float(), dim=-1)
-                weights = torch.where(torch.isnan(weights), torch.zeros_like(weights), weights).type_as(h)
+                # = softmax over all experts, the selected renormalised (llama.cpp: SOFTMAX gating + norm_w); rows
+                # with a DROP: the selected probabilities with the dropped at 0, renormalised (DROP_NORM_FLOOR)
+                weights = torch.softmax(top_x.float(), dim=-1).type_as(h)
+                dropped = s.drop[idx].any(dim=-1)
+                if bool(dropped.any()):
+                    kept = torch.softmax(x.float(), dim=-1).gather(1, idx)
+                    kept = torch.where(s.drop[idx], torch.zeros_like(kept), kept)
+                    kept = safe_normalise(kept, dropped=dropped).type_as(h)
+                    weights = torch.where(dropped.unsqueeze(-1), kept, weights)
             else:
                 weights = torch.sigmoid(top_x.float()).to(top_x.dtype)
                 weights = torch.where(s.drop[idx], torch.zeros_like(weights), weights)
@@ -175,7 +194,7 @@ def spec_forward(spec: RouterSpec, s: LayerSteer, rec: LayerRecord) -> Callable[
             norm = spec.norm if isinstance(spec.norm, bool) else bool(getattr(self, spec.norm))
             if norm:
                 clamp = float(getattr(self, spec.norm_clamp)) if spec.norm_clamp else None
-                weights = safe_normalise(weights, spec.norm_eps, clamp)
+                weights = safe_normalise(weights, spec.norm_eps, clamp, dropped=s.drop[idx].any(dim=-1))
             if spec.scaling is not None:
                 weights = weights * getattr(self, spec.scaling)
             weights = weights.to(router_logits.dtype)

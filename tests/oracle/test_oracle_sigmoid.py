@@ -1,7 +1,7 @@
-"""Oracle tests on the sigmoid-router architectures with a selection bias: GLM-4.5/4.6 (glm4moe), dots.llm1.
-The tests are in suite.py."""
+"""Oracle tests on the sigmoid-router architectures with a selection bias (DeepSeek-V3 style): GLM-4.5/4.6 (glm4moe),
+dots.llm1, MiniMax-M2, LFM2-MoE (short-convolution layers). The tests are in suite.py."""
 
 from .conftest import make_pair_fixture
 from .suite import *  # noqa: F403
 
-pair = make_pair_fixture(("glm4moe", "dots1"))
+pair = make_pair_fixture(("glm4moe", "dots1", "minimaxm2", "lfm2moe"))
