@@ -148,13 +148,18 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
 
     def tick(n: int) -> None:
         if bar is not None:
-            bar.update(n / (2 if window in ("response", "all") else 1))
+            bar.update(n / (2 if window == "all" else 1))
             dt = time.perf_counter() - state["t0"]
             if dt > 0:
                 bar.set_postfix_str(f"{state['evaluated'] / dt:.0f} tok/s")
 
     responses: list[list[int] | None] = [None] * len(prompts)
-    if window in ("response", "all"):
+    traces = None
+    if window == "response":  # the window is the decoded tokens: routing read from the generating decodes
+        outs = model.greedy_many(prompts, max_new, keep_logits=0, tick=tick, routing=True)
+        responses = [new for new, _, _ in outs]
+        traces = [tr for _, _, tr in outs]
+    elif window == "all":
         outs = model.greedy_many(prompts, max_new, keep_logits=0, tick=tick)
         responses = [new for new, _ in outs]
     seqs, rows_of = [], []
@@ -163,13 +168,14 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
         if new is not None:
             m = min(len(new) + 1, max_new)
             seqs.append(toks + new[: m - 1])
-            rows_of.append(np.arange(n - 1, n - 1 + m) if window == "response" else np.arange(0, n - 1 + m))
+            rows_of.append(np.arange(0, m) if window == "response" else np.arange(0, n - 1 + m))
             state["evaluated"] += len(new)
         else:
             seqs.append(toks)
             rows_of.append(np.arange(0, n) if window == "prompt" else np.array([n - 1]))
         state["evaluated"] += len(seqs[-1])
-    traces = model.routing_many(seqs, tick=tick)
+    if traces is None:
+        traces = model.routing_many(seqs, tick=tick)
     records: list[PromptRecord] = []
     for pi, (item, trace, rows) in enumerate(zip(pset, traces, rows_of)):
         for li, layer in enumerate(layers):

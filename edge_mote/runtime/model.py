@@ -430,13 +430,15 @@ class Model:
     @_locked
     def greedy_many(self, prompts: Sequence[Sequence[int]], max_new: int, stop_at_eos: bool = True,
                     keep_logits: int | None = None, tick=None, steerings=None,
-                    sampler=None) -> list[tuple[list[int], np.ndarray]]:
+                    sampler=None, routing: bool = False) -> list[tuple]:
         """Greedy continuation of many prompts, decoded together (up to 16 sequences per ``llama_decode``), prompt i
         under ``steerings[i]`` (None: the Model's steering); stops at any end-of-generation token.
 
         Returns, per prompt, the new tokens and the logits each step chose from ([len(new) (+1 when it stopped at
         EOG), n_vocab]; only the first ``keep_logits`` rows when given, which saves memory). ``tick(n)`` reports
-        progress; ``sampler(i, row) -> token`` replaces argmax (sampling).
+        progress; ``sampler(i, row) -> token`` replaces argmax (sampling). With ``routing``, each result also
+        holds a ``RoutingTrace`` of the tokens whose logits those rows are (the last prompt token, then the
+        generated tokens that were fed back), read from the same decodes: the scan's response window.
         """
         prompts = [self._check_tokens(p) for p in prompts]
         steerings = self._check_steerings(steerings, len(prompts))
@@ -449,7 +451,18 @@ class Model:
             raise UserError(f"{longest - max_new} prompt + {max_new} new tokens do not fit the context of {self._n_ctx}",
                             hint="load with a larger n_ctx (--ctx) or ask for fewer new tokens")
         is_eog = self.token_eog if stop_at_eos else (lambda t: False)
-        return self._batched(longest).greedy(prompts, max_new, is_eog, keep_logits, tick, steerings, sampler)
+        if routing:
+            self._require_moe()
+        outs = self._batched(longest).greedy(prompts, max_new, is_eog, keep_logits, tick, steerings, sampler, routing)
+        if not routing:
+            return outs
+        result = []
+        for p, (new, rows, route) in zip(prompts, outs):
+            fed = ([p[-1]] + new)[: len(next(iter(route.values()))[0])] if route else []
+            result.append((new, rows, RoutingTrace(tokens=np.asarray(fed, dtype=np.int32),
+                                                    ids={il: r[0] for il, r in route.items()},
+                                                    weights={il: r[1] for il, r in route.items()})))
+        return result
 
     def greedy(self, tokens: Sequence[int], max_new: int, stop_at_eos: bool = True) -> tuple[list[int], np.ndarray]:
         """Greedy continuation of ``tokens``: the new tokens, and the logits each step chose from (see

@@ -203,18 +203,23 @@ class ParallelContext:
 
     def run(self, entries: Sequence[Entry], capture: bool = False):
         """Decode ``entries`` in chunks of ``n_batch``: (logits of the flagged entries [n, n_vocab] -- a view of the
-        native buffer when one decode sufficed, else a copy --, routing capture concatenated over the chunks or None)."""
+        native buffer when one decode sufficed, else a copy --, the routing of the flagged entries, concatenated over
+        the chunks, or None). Capture must be on when ``capture`` is asked for."""
         chunks = [entries[i: i + self.n_batch] for i in range(0, len(entries), self.n_batch)]
         rows, caps = [], []
         for chunk in chunks:
             self.decode(chunk)
-            n = sum(1 for e in chunk if e[3])
+            flagged = [j for j, e in enumerate(chunk) if e[3]]
+            n = len(flagged)
             if len(chunks) == 1:
                 rows.append(self.logits(n) if n else np.zeros((0, self.n_vocab), np.float32))
             elif n:
                 rows.append(self.logits(n).copy())
             if capture:
-                caps.append(self.capture())
+                # layers computed for every token give len(chunk) rows, the last layer of most architectures only
+                # the flagged ones: keep the flagged rows of each
+                caps.append({il: (ids[flagged], w[flagged]) if len(ids) == len(chunk) and n != len(chunk) else (ids, w)
+                             for il, (ids, w) in self.capture().items()})
         logits = rows[0] if len(rows) == 1 else (np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), np.float32))
         cap = None
         if capture:
@@ -237,10 +242,12 @@ class ParallelContext:
     def greedy(self, prompts: Sequence[Sequence[int]], max_new: int, is_eog: Callable[[int], bool],
                keep: int | None = None, tick: Callable[[int], None] | None = None,
                steerings: Sequence[Steering | None] | None = None,
-               sampler: Callable[[int, np.ndarray], int] | None = None) -> list[tuple[list[int], np.ndarray]]:
+               sampler: Callable[[int, np.ndarray], int] | None = None, routing: bool = False) -> list[tuple]:
         """Continue every prompt (greedy, or ``sampler(i, row)`` choosing prompt i's next token) until an
         end-of-generation token or ``max_new`` tokens: (new tokens, the logits each step chose from
-        [len(new) + (1 if stopped at EOG), n_vocab], only the first ``keep`` rows when ``keep`` is given).
+        [len(new) + (1 if stopped at EOG), n_vocab], only the first ``keep`` rows when ``keep`` is given) -- plus,
+        with ``routing``, {layer: (ids, weights)} of the tokens whose logits those were (the last prompt token and
+        the generated tokens that were decoded), read from the same decodes.
 
         Continuous batching: one decode per step holds the next token of every running sequence plus the prompts
         of sequences admitted into slots that finished, so the batch stays full until the queue runs dry."""
@@ -254,6 +261,9 @@ class ParallelContext:
         out: list[tuple[list[int], np.ndarray]] = [([], np.zeros((0, self.n_vocab), np.float32))] * len(prompts)
         queue = deque(range(len(prompts)))
         free = list(range(self.n_seq - 1, -1, -1))
+        was = self._capture
+        if routing:
+            self.set_capture(True)
         run: dict[int, dict] = {}  # slot -> state of the sequence it holds
         self.clear_all()
         while queue or run:
@@ -269,11 +279,14 @@ class ParallelContext:
                 toks = prompts[i]
                 entries.extend((int(t), j, slot, j == len(toks) - 1) for j, t in enumerate(toks))
                 flagged.append(slot)
-                run[slot] = {"i": i, "new": [], "rows": np.empty((keep, self.n_vocab), np.float32), "n_rows": 0}
-            logits, _ = self.run(entries)
+                run[slot] = {"i": i, "new": [], "rows": np.empty((keep, self.n_vocab), np.float32), "n_rows": 0,
+                             "route": []}
+            logits, cap = self.run(entries, capture=routing)
             for k, slot in enumerate(flagged):
                 st = run[slot]
                 row = logits[k]
+                if routing:
+                    st["route"].append({il: (ids[k], w[k]) for il, (ids, w) in cap.items()})
                 if st["n_rows"] < keep:
                     st["rows"][st["n_rows"]] = row
                     st["n_rows"] += 1
@@ -284,11 +297,18 @@ class ParallelContext:
                     done = len(st["new"]) >= max_new
                 if done:
                     rows = st["rows"] if st["n_rows"] == keep else st["rows"][: st["n_rows"]].copy()
-                    out[st["i"]] = (st["new"], rows)
+                    if routing:
+                        route = {il: (np.stack([r[il][0] for r in st["route"]]), np.stack([r[il][1] for r in st["route"]]))
+                                 for il in st["route"][0]}
+                        out[st["i"]] = (st["new"], rows, route)
+                    else:
+                        out[st["i"]] = (st["new"], rows)
                     del run[slot]
                     free.append(slot)
                     if tick:
                         tick(1)
+        if routing:
+            self.set_capture(was)
         return out
 
     def score(self, seqs: Sequence[Sequence[int]], first: Sequence[int],
