@@ -63,3 +63,17 @@ def test_long_sequences_get_fewer_slots_and_same_results(m, monkeypatch):
     assert m._parallel.n_seq == 2 and m._parallel.n_ctx_seq == 192
     for toks, (new, _) in zip(prompts, batched):
         assert new == m.greedy(toks, 4, stop_at_eos=False)[0]
+
+
+def test_threads_share_a_model(m):
+    """A Model serves several threads (its methods take a lock); each thread's per-call steering stays its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = _prompts(m)[:4]
+    steerings = [None, "off=0:1", "on=1:3", "bias=0:0=2.5;drop=1:1"]
+    want = [m.logits_many([p], [s])[0] for p, s in zip(prompts, steerings)]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda ps: m.logits_many([ps[0]], [ps[1]])[0], zip(prompts, steerings)))
+            for a, b in zip(got, want):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
