@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -89,11 +90,16 @@ class Throttle:
     def __init__(self, pids, share: float):
         self.path = Path(f"/sys/fs/cgroup/cpu/edge-mote-bench-{os.getpid()}")
         self.path.mkdir()
-        # a short period, so that even a benchmark burst of a few ms sees the quota
-        (self.path / "cpu.cfs_period_us").write_text("10000")
-        (self.path / "cpu.cfs_quota_us").write_text(str(int(10000 * share)))
-        for pid in pids:
-            (self.path / "cgroup.procs").write_text(str(pid))
+        try:
+            # a short period, so that even a benchmark burst of a few ms sees the quota (the kernel's minimum
+            # quota is 1 ms)
+            (self.path / "cpu.cfs_period_us").write_text("20000")
+            (self.path / "cpu.cfs_quota_us").write_text(str(max(1000, int(20000 * share))))
+            for pid in pids:
+                (self.path / "cgroup.procs").write_text(str(pid))
+        except OSError:
+            self.close()
+            raise
 
     def close(self):
         root = self.path.parent
@@ -105,14 +111,14 @@ class Throttle:
         self.path.rmdir()
 
 
-def predicted(model, cfg_plan, endpoints, local_node, nodes_by_ep):
-    from edge_mote.cluster.plan import _evaluate, even_plan, make_plan
+def predicted(model, cfg_plan, endpoints, local_node, nodes_by_ep) -> float:
+    from edge_mote.cluster.plan import even_plan, make_plan, predict_split
 
     if not endpoints:
-        return _evaluate(model, local_node, [], [], model.n_layer)[0] * 1e3
+        return predict_split(model, local_node, [], [], model.n_layer)[0] * 1e3
     ws = [nodes_by_ep[e] for e in endpoints]
     p = even_plan(model, local_node, ws) if cfg_plan == "even" else make_plan(model, local_node, ws)
-    return p.predicted_ms, p
+    return p.predicted_ms
 
 
 def main(argv=None) -> int:
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="loopback only (no namespaces, no throttling)")
     args = ap.parse_args(argv)
 
-    from edge_mote.cluster.plan import calibrated, calibration, measure_local, measure_node, model_profile
+    from edge_mote.cluster.plan import calibrated, measure_local, measure_node, model_profile, predict_split
 
     model = bench_model()
     prof = model_profile(model, 256, 64)
@@ -130,6 +136,7 @@ def main(argv=None) -> int:
     print(f"model: {model.name}, {size_mib:.0f} MiB, {prof.n_layer} layers; decode {args.tokens} tokens x "
           f"{args.repeats} rounds; machine: {os.cpu_count()} CPUs (shared), every process 1 thread", flush=True)
     cache = tempfile.mkdtemp(prefix="edge-mote-bench-cache-")
+    tmpdirs = [cache]
     started, nss, relays, throttles = [], [], [], []
     configs = {}
     try:
@@ -146,10 +153,12 @@ def main(argv=None) -> int:
             relay = Relay().start()
             relays.append(relay)
             link = []
+            cache_link = tempfile.mkdtemp(prefix="edge-mote-bench-cache-link-")  # a cold cache: round 1 uploads
+            tmpdirs.append(cache_link)
             for i in range(3):
                 ns = NetNS(90 + i, rate_mbit=100)
                 nss.append(ns)
-                w = WorkerProc(None, "--cache", cache, host=ns.ns_ip, netns=ns.name)
+                w = WorkerProc(None, "--cache", cache_link, host=ns.ns_ip, netns=ns.name)
                 started.append(w)
                 link.append(emulated_link(relay, (w.host, w.port), rtt_ms=7.0))
             configs["7 ms/100 Mbit 2 workers (even)"] = {"rpc": link[:2], "plan": "even"}
@@ -178,10 +187,7 @@ def main(argv=None) -> int:
             for ep in cfg["rpc"]:
                 if ep not in nodes:
                     nodes[ep] = measure_node(ep, prof.weight_type, n_embd=prof.n_embd)
-        factor = calibration(prof, local_node, 1)
-        local_node = calibrated([local_node], factor)[0]
-        nodes = dict(zip(nodes, calibrated(list(nodes.values()), factor)))
-        print(f"compute calibration (short local decode / benchmark prediction): x{factor:.2f}", flush=True)
+        raw_local = predict_split(prof, local_node, [], [], prof.n_layer)[0] * 1e3
         times = {name: [] for name in configs}
         loads = {name: [] for name in configs}
         for r in range(args.repeats):
@@ -191,16 +197,29 @@ def main(argv=None) -> int:
                 loads[name].append(t_load)
                 print(f"  round {r + 1}: {name}: {t:.2f} ms/token (load {t_load:.1f} s)", flush=True)
 
+        # predictions: the planner's model, its compute calibrated in each round by that round's local decode (what
+        # `--plan auto` does right before a run), against the measured time of the same round
+        preds = {name: [] for name in configs}
+        factors = []
+        for r in range(args.repeats):
+            f = times["local"][r] / raw_local
+            factors.append(f)
+            loc, *rest = calibrated([local_node] + list(nodes.values()), f)
+            cal = dict(zip(nodes, rest))
+            for name, cfg in configs.items():
+                preds[name].append(predicted(prof, cfg.get("plan"), cfg["rpc"], loc, cal))
         base = statistics.median(times["local"])
-        print()
-        print(f"| configuration | ms/token (median, min-max) | tok/s | vs local | predicted ms/token | pred/meas |")
+        print(f"\ncompute calibration per round (local decode / benchmark prediction): "
+              f"{', '.join(f'x{f:.2f}' for f in factors)}")
+        print("| configuration | ms/token (median, min-max) | tok/s | vs local | predicted ms/token (median) | "
+              "pred/meas (median of rounds, min-max) |")
         print("|---|---|---|---|---|---|")
         for name, cfg in configs.items():
             med = statistics.median(times[name])
-            pred = predicted(prof, cfg.get("plan"), cfg["rpc"], local_node, nodes)
-            pred_ms = pred[0] if isinstance(pred, tuple) else pred
+            ratios = [p / t for p, t in zip(preds[name], times[name])]
             print(f"| {name} | {med:.2f} ({min(times[name]):.2f}-{max(times[name]):.2f}) | {1e3 / med:.1f} | "
-                  f"{base / med:.2f}x | {pred_ms:.2f} | {pred_ms / med:.2f} |")
+                  f"{base / med:.2f}x | {statistics.median(preds[name]):.2f} | {statistics.median(ratios):.2f} "
+                  f"({min(ratios):.2f}-{max(ratios):.2f}) |")
         print("\nload time, first round (weights uploaded) -> later rounds (worker cache): "
               + "; ".join(f"{n}: {loads[n][0]:.1f} s -> {statistics.median(loads[n][1:]):.1f} s"
                           for n in configs if len(loads[n]) > 1))
@@ -217,6 +236,8 @@ def main(argv=None) -> int:
             relay.close()
         for ns in nss:
             ns.close()
+        for d in tmpdirs:
+            shutil.rmtree(d, ignore_errors=True)
     return 0
 
 

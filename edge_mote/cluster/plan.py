@@ -306,7 +306,7 @@ def _layer_time(node: NodeProfile, m: ModelProfile, il: int) -> float:
     return m.layer_touched[il] / node.bytes_per_s + m.layer_ops[il] * node.op_s
 
 
-def _evaluate(m: ModelProfile, local: NodeProfile, order: Sequence[NodeProfile], counts: Sequence[int],
+def predict_split(m: ModelProfile, local: NodeProfile, order: Sequence[NodeProfile], counts: Sequence[int],
               local_layers: int) -> tuple[float, list[Assignment]]:
     """Predicted seconds per token of a split (``order``: workers, the last one holds the output layer)."""
     out: list[Assignment] = []
@@ -381,7 +381,7 @@ def make_plan(m: ModelProfile, local: NodeProfile, workers: Sequence[NodeProfile
                     left -= take
                 if left > 0:
                     continue
-                t, assign = _evaluate(m, local, order, counts, lc)
+                t, assign = predict_split(m, local, order, counts, lc)
                 if best is None or t < best[0]:
                     best = (t, order, counts, lc, assign)
     if best is None:
@@ -404,7 +404,7 @@ def even_plan(m: ModelProfile, local: NodeProfile, workers: Sequence[NodeProfile
     """Every layer on the workers, equal shares, in the order given (the last one holds the output layer)."""
     n = len(workers)
     counts = [m.n_layer // n + (1 if i < m.n_layer % n else 0) for i in range(n)]
-    t, assign = _evaluate(m, local, list(workers), counts, 0)
+    t, assign = predict_split(m, local, list(workers), counts, 0)
     return _plan(m, local, list(workers), counts, 0, t, assign, "even")
 
 
@@ -438,7 +438,7 @@ def calibration(m: ModelProfile, local: NodeProfile, n_threads: int | None = Non
         t0 = _time.perf_counter()
         model.greedy(toks, n_tokens, stop_at_eos=False)
         measured = (_time.perf_counter() - t0) / n_tokens
-    predicted = _evaluate(m, local, [], [], m.n_layer)[0]
+    predicted = predict_split(m, local, [], [], m.n_layer)[0]
     return min(max(measured / predicted, 0.5), 8.0)
 
 

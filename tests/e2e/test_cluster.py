@@ -135,3 +135,37 @@ def test_scan_and_eval_over_workers_match_local(gguf, workers, tmp_path):
         out[name] = (json.loads(res.stdout)["top"], json.loads(ev.stdout))
     assert [(r["layer"], r["expert"]) for r in out["local"][0]] == [(r["layer"], r["expert"]) for r in out["cluster"][0]]
     assert out["local"][1]["rows"] == out["cluster"][1]["rows"]
+
+
+def test_upload_progress_bar_on_a_terminal(gguf, workers):
+    """On a terminal, a progress bar counts the weight bytes going to the workers (none when not a terminal)."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from .cluster_util import REPO
+
+    cmd = [sys.executable, "-m", "edge_mote", "run", gguf, "-p", "Hello", "-n", "2", "--rpc", workers[0].endpoint]
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a width
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(120) == 0, out[-2000:]
+    assert b"uploading weights to workers" in out
+    res = edge_mote("run", gguf, "-p", "Hello", "-n", "2", "--rpc", workers[0].endpoint)
+    assert res.returncode == 0 and "uploading" not in res.stderr

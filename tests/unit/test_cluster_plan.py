@@ -7,7 +7,7 @@ import math
 import pytest
 
 from edge_mote import UserError
-from edge_mote.cluster.plan import ModelProfile, NodeProfile, even_plan, make_plan, _evaluate
+from edge_mote.cluster.plan import ModelProfile, NodeProfile, even_plan, make_plan, predict_split
 
 MIB = 1 << 20
 
@@ -83,7 +83,7 @@ def test_prediction_adds_compute_rtt_and_logits():
     m = model(n_layer=2, layer_mib=10, out_mib=10, n_vocab=1000, n_embd=16)
     local = node("local", 1, 10)
     w = node("w:1", 1, 10, 5, 80)
-    t, parts = _evaluate(m, local, [w], [2], 0)
+    t, parts = predict_split(m, local, [w], [2], 0)
     layer = (10 * MIB // 4) / 10e9 + 40 * 2e-6
     out = 10 * MIB / 10e9 + 4 * 2e-6
     net = 5e-3 + 2 * 64 / 10e6 + 4000 / 10e6
