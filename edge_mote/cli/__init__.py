@@ -13,11 +13,17 @@ import click
 
 # command name -> (module, attribute, one-line help shown by --help without importing the module)
 COMMANDS = {
+    "convert": ("edge_mote.cli.convert", "convert",
+                "Convert a transformers model (folder or Hub repo) to GGUF with llama.cpp's converter, plus profiles."),
     "demo": ("edge_mote.cli.demo", "demo", "Steer a tiny MoE the project makes itself (no downloads) and show the effect."),
     "eval": ("edge_mote.cli.eval", "eval_", "Top-N vs random-N experts OFF/DROP/ON: behaviour, false behaviour, KL, perplexity."),
     "info": ("edge_mote.cli.info", "info", "Show a model's architecture, MoE layers, experts and stored profiles."),
     "scan": ("edge_mote.cli.scan", "scan", "Find the experts behind a behaviour: rank them by risk difference between two prompt sets (fTRI)."),
+    "prune": ("edge_mote.cli.prune", "prune",
+              "Physically remove routed experts (bit-exact, also quantized; profiles renumbered)."),
     "profile": ("edge_mote.cli.profile", "profile", "Add, list and remove named steering profiles stored in a GGUF."),
+    "quantize": ("edge_mote.cli.quantize", "quantize",
+                 "Quantize with llama.cpp (uniform or expert-aware moe recipe, imatrix from prompts); profiles kept."),
     "rpc-worker": ("edge_mote.cli.rpc_worker", "rpc_worker", "Old name of `worker`."),
     "worker": ("edge_mote.cli.worker", "worker",
                "Run an RPC worker (loopback by default) so another machine can place layers here."),
