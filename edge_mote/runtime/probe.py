@@ -40,17 +40,16 @@ class _GgmlTensor(ctypes.Structure):
                 ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
 
 
-def _ggml_base() -> ctypes.CDLL:
-    """The libggml-base already mapped into this process (RTLD_NOLOAD: never a second copy)."""
-    with open("/proc/self/maps") as f:
-        paths = {line.split()[-1] for line in f if "/libggml-base.so" in line}
-    if len(paths) != 1:
-        raise EdgeMoteError(f"expected one libggml-base in the process, found {sorted(paths) or 'none'}")
-    h = ctypes.CDLL(paths.pop(), mode=os.RTLD_NOLOAD | os.RTLD_NOW)
-    h.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    h.ggml_backend_tensor_get.restype = None
-    h.ggml_tensor_overhead.restype = ctypes.c_size_t
-    if h.ggml_tensor_overhead() != 32 + ctypes.sizeof(_GgmlTensor):  # GGML_OBJECT_SIZE + sizeof(ggml_tensor)
+def _ggml_base():
+    """ggml's tensor functions through the handle llama_cpp holds (dlsym searches libllama's dependencies, so this
+    is the libggml-base already loaded, never a second copy)."""
+    h = B.lib()
+    get = h.ggml_backend_tensor_get
+    get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    get.restype = None
+    overhead = h.ggml_tensor_overhead
+    overhead.restype = ctypes.c_size_t
+    if overhead() != 32 + ctypes.sizeof(_GgmlTensor):  # GGML_OBJECT_SIZE + sizeof(struct ggml_tensor)
         raise EdgeMoteError("the ctypes mirror of struct ggml_tensor does not match this ggml build")
     return h
 
