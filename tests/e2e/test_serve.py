@@ -211,6 +211,18 @@ def test_api_key_and_non_loopback_warning(served):
                        headers={"Authorization": "Bearer sekret"}, timeout=60)
         assert r.status_code == 200
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200   # health needs no key
+        # one slot: concurrent requests queue and each still gets its own answer
+        from concurrent.futures import ThreadPoolExecutor
+
+        def ask(prompt):
+            r = httpx.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0},
+                           headers={"Authorization": "Bearer sekret"}, timeout=120)
+            return r.status_code, r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(3) as ex:
+            together = list(ex.map(ask, PROMPTS))
+        assert together == [ask(p) for p in PROMPTS] and all(c == 200 for c, _ in together)
+        assert httpx.get(s.url + "/health", timeout=10).json()["max_seqs_in_step"] == 1
     finally:
         s.close()
     import subprocess
