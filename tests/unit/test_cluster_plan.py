@@ -89,3 +89,15 @@ def test_prediction_adds_compute_rtt_and_logits():
     net = 5e-3 + 2 * 64 / 10e6 + 4000 / 10e6
     assert t == pytest.approx(2 * layer + out + net)
     assert parts[1].output and parts[1].layers == 2
+
+
+def test_never_predicted_slower_than_the_even_split():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        m = model(n_layer=rng.randint(2, 40), layer_mib=rng.randint(10, 200))
+        local = node("local", rng.uniform(0.5, 8), rng.uniform(2, 40))
+        ws = [node(f"w{i}:1", 64, rng.uniform(2, 40), rng.uniform(0.05, 30), rng.uniform(20, 1000))
+              for i in range(rng.randint(1, 4))]
+        assert make_plan(m, local, ws).predicted_ms <= even_plan(m, local, ws).predicted_ms + 1e-9
