@@ -46,31 +46,67 @@ DEFAULT_MARGIN = float(np.float32(0.01))  # values are kept at float32 precision
 _MODES = ("off", "drop", "on")
 
 
+def _q(text) -> str:
+    """User text quoted for a one-line message: printable as is, otherwise (newlines, control characters) escaped;
+    long text shortened."""
+    text = str(text)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"'{text}'" if text.isprintable() and "'" not in text else repr(text)
+
+
+def _integer(v) -> int:
+    """An integer layer/expert index from JSON-ish input: ints (and integral floats), never bools or strings."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError
+    if isinstance(v, (float, np.floating)) and not float(v).is_integer():
+        raise ValueError
+    return int(v)
+
+
+def _float32(value, what: str) -> float:
+    """``value`` as llama.cpp will see it (float32), finite, else a UserError."""
+    try:
+        if isinstance(value, (bool, list, tuple, dict)) or value is None:
+            raise TypeError
+        with np.errstate(over="ignore"):
+            f = float(np.float32(float(value)))
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{what} must be a number, got {_q(value)}") from None
+    if not math.isfinite(f):
+        raise UserError(f"{what} must be a finite number (float32), got {_q(value)}")
+    return f
+
+
 def _parse_expert(text: str, where: str) -> Expert:
     parts = text.strip().split(":")
     if len(parts) != 2:
-        raise UserError(f"bad expert '{text}' in {where}: expected LAYER:EXPERT, e.g. 12:34")
+        raise UserError(f"bad expert {_q(text)} in {where}: expected LAYER:EXPERT, e.g. 12:34")
     try:
         layer, expert = int(parts[0]), int(parts[1])
     except ValueError:
-        raise UserError(f"bad expert '{text}' in {where}: LAYER and EXPERT must be integers") from None
+        raise UserError(f"bad expert {_q(text)} in {where}: LAYER and EXPERT must be integers") from None
     if layer < 0 or expert < 0:
-        raise UserError(f"bad expert '{text}' in {where}: LAYER and EXPERT must be >= 0")
+        raise UserError(f"bad expert {_q(text)} in {where}: LAYER and EXPERT must be >= 0")
     return layer, expert
 
 
 def _as_experts(items: Iterable, where: str) -> frozenset[Expert]:
     out = set()
+    if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+        raise UserError(f"{where} must be a list of experts ([layer, expert] pairs or 'L:E'), got {_q(items)}")
     for it in items or ():
         if isinstance(it, str):
             out.add(_parse_expert(it, where))
         else:
             try:
-                layer, expert = (int(v) for v in it)
+                if isinstance(it, (bytes, Mapping)) or len(it) != 2:
+                    raise ValueError
+                layer, expert = (_integer(v) for v in it)
             except (TypeError, ValueError):
-                raise UserError(f"bad expert {it!r} in {where}: expected (layer, expert)") from None
+                raise UserError(f"bad expert {_q(it)} in {where}: expected (layer, expert)") from None
             if layer < 0 or expert < 0:
-                raise UserError(f"bad expert {it!r} in {where}: layer and expert must be >= 0")
+                raise UserError(f"bad expert {_q(it)} in {where}: layer and expert must be >= 0")
             out.add((layer, expert))
     return frozenset(out)
 
@@ -94,23 +130,21 @@ class Steering:
             pairs = list(bias.items())
         else:
             try:
+                if isinstance(bias, (str, bytes)) or any(isinstance(it, (str, bytes, Mapping)) or len(it) != 3
+                                                         for it in (bias or ())):
+                    raise TypeError
                 pairs = [((it[0], it[1]), it[2]) for it in (bias or ())]
-            except (TypeError, IndexError):
+            except (TypeError, IndexError, KeyError):
                 raise UserError("bias entries must be (layer, expert, value)") from None
         b: dict[Expert, float] = {}
         for key, value in pairs:
             (key,) = _as_experts([key], "bias")
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise UserError(f"bias of expert {key[0]}:{key[1]} must be a number, got {value!r}") from None
-            if not math.isfinite(value):
-                raise UserError(f"bias of expert {key[0]}:{key[1]} must be a finite number, got {value}")
+            value = _float32(value, f"bias of expert {key[0]}:{key[1]}")
             if value != 0.0:
-                b[key] = float(np.float32(b.get(key, 0.0) + value))
+                b[key] = _float32(b.get(key, 0.0) + value, f"bias of expert {key[0]}:{key[1]}")
         object.__setattr__(self, "bias", dict(sorted(b.items())))
-        margin = float(np.float32(margin))
-        if not math.isfinite(margin) or margin < 0:
+        margin = _float32(margin, "margin")
+        if margin < 0:
             raise UserError(f"margin must be a finite number >= 0, got {margin}")
         object.__setattr__(self, "margin", margin)
         seen: dict[Expert, str] = {}
@@ -163,25 +197,25 @@ class Steering:
             key, sep, value = chunk.partition("=")
             key = key.strip().lower()
             if not sep:
-                raise UserError(f"bad steering part '{chunk}': expected off=..., drop=..., on=..., bias=... or margin=...")
+                raise UserError(f"bad steering part {_q(chunk)}: expected off=..., drop=..., on=..., bias=... or margin=...")
             if key in _MODES:
                 parts[key] += [_parse_expert(v, key) for v in value.split(",") if v.strip()]
             elif key == "bias":
                 for item in filter(None, (v.strip() for v in value.split(","))):
                     ex, eq, val = item.rpartition("=")
                     if not eq:
-                        raise UserError(f"bad bias '{item}': expected LAYER:EXPERT=VALUE, e.g. 3:5=-2.5")
+                        raise UserError(f"bad bias {_q(item)}: expected LAYER:EXPERT=VALUE, e.g. 3:5=-2.5")
                     try:
                         parts["bias"].append((*_parse_expert(ex, "bias"), float(val)))
                     except ValueError:
-                        raise UserError(f"bad bias '{item}': VALUE must be a number") from None
+                        raise UserError(f"bad bias {_q(item)}: VALUE must be a number") from None
             elif key == "margin":
                 try:
                     margin = float(value)
                 except ValueError:
-                    raise UserError(f"bad margin '{value}': must be a number") from None
+                    raise UserError(f"bad margin {_q(value)}: must be a number") from None
             else:
-                raise UserError(f"unknown steering part '{key}': expected off, drop, on, bias or margin")
+                raise UserError(f"unknown steering part {_q(key)}: expected off, drop, on, bias or margin")
         return cls(parts["off"], parts["drop"], parts["on"], parts["bias"], margin)
 
     def __str__(self) -> str:
@@ -190,9 +224,9 @@ class Steering:
             if getattr(self, mode):
                 out.append(f"{mode}=" + ",".join(f"{l}:{e}" for l, e in sorted(getattr(self, mode))))
         if self.bias:
-            out.append("bias=" + ",".join(f"{l}:{e}={v:g}" for (l, e), v in self.bias.items()))
+            out.append("bias=" + ",".join(f"{l}:{e}={v:.9g}" for (l, e), v in self.bias.items()))
         if self.margin != DEFAULT_MARGIN:
-            out.append(f"margin={self.margin:g}")
+            out.append(f"margin={self.margin:.9g}")  # 9 digits: float32 values round-trip
         return ";".join(out)
 
     def __repr__(self) -> str:
@@ -219,15 +253,18 @@ class Steering:
             raise UserError(f"unknown steering key(s): {', '.join(sorted(unknown))}")
         bias = d.get("bias") or []
         if isinstance(bias, Mapping):  # {"3:5": -2.5}
-            bias = [(*_parse_expert(k, "bias"), v) for k, v in bias.items()]
+            bias = [(*_parse_expert(str(k), "bias"), v) for k, v in bias.items()]
         return cls(d.get("off") or (), d.get("drop") or (), d.get("on") or (), bias, d.get("margin", DEFAULT_MARGIN))
 
     @classmethod
     def from_json(cls, text: str) -> "Steering":
         try:
-            return cls.from_dict(json.loads(text))
+            value = json.loads(text)
         except json.JSONDecodeError as e:
             raise UserError(f"steering is not valid JSON: {e}") from None
+        except RecursionError:
+            raise UserError("steering JSON is nested too deeply") from None
+        return cls.from_dict(value)
 
     # -- arrays for the C API --------------------------------------------------------------------------------
     def to_arrays(self, n_layer: int, n_expert: int, moe_layers: Iterable[int],

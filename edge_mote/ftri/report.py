@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import html as _html
 import json
+import math
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -176,6 +177,12 @@ def _need(obj: Any, key: str, kind: type | tuple[type, ...], where: str, name: s
     return v
 
 
+def _finite(v, where: str, name: str):
+    if not math.isfinite(v):
+        raise UserError(f"{name}: not a valid scan file: {where} is {v}")
+    return v
+
+
 def load_scan(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a scan.json; a missing, malformed or foreign file raises ``UserError``."""
     p = Path(path)
@@ -190,6 +197,8 @@ def load_scan(path: str | os.PathLike) -> dict[str, Any]:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{name}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{name}: not a scan file (JSON nested too deeply)") from None
     if not isinstance(doc, dict) or "schema" not in doc:
         raise UserError(f"{name}: not an edge-mote scan file (no \"schema\")", hint="make one with edge-mote scan")
     if doc["schema"] != SCHEMA:
@@ -197,8 +206,21 @@ def load_scan(path: str | os.PathLike) -> dict[str, Any]:
     model = _need(doc, "model", dict, "", name)
     layers = _need(model, "moe_layers", list, "model.", name)
     n_expert = _need(model, "n_expert", int, "model.", name)
-    _need(model, "n_layer", int, "model.", name)
-    _need(model, "n_expert_used", dict, "model.", name)
+    n_layer = _need(model, "n_layer", int, "model.", name)
+    used = _need(model, "n_expert_used", dict, "model.", name)
+
+    def bad(what: str) -> UserError:
+        return UserError(f"{name}: not a valid scan file: {what}")
+
+    if not 1 <= n_layer <= 1 << 16 or not 1 <= n_expert <= 1 << 16:
+        raise bad(f"model.n_layer {n_layer} / model.n_expert {n_expert} out of range")
+    if any(type(x) is not int or not 0 <= x < n_layer for x in layers) or len(set(layers)) != len(layers):
+        raise bad("model.moe_layers must be distinct layer numbers below model.n_layer")
+    for k, v in used.items():
+        if not k.isdigit() or int(k) not in layers or type(v) is not int or not 1 <= v <= n_expert:
+            raise bad(f"model.n_expert_used has a bad entry {k[:20]!r}")
+    if "file_bytes" in model:
+        _need(model, "file_bytes", int, "model.", name)
     window = _need(doc, "window", dict, "", name)
     tokens = _need(window, "tokens", str, "window.", name)
     if tokens not in ("prompt", "decision", "response", "all"):
@@ -211,16 +233,17 @@ def load_scan(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{name}: not a valid scan file: {len(experts)} experts for {len(layers)} layers × {n_expert}")
     for i, rec in enumerate(experts):
         for f in EXPERT_FIELDS:
-            _need(rec, f, (int, float), f"experts[{i}].", name)
+            _finite(_need(rec, f, (int, float), f"experts[{i}].", name), f"experts[{i}].{f}", name)
         for f in OPTIONAL_EXPERT_FIELDS:
             if isinstance(rec, dict) and f in rec:
-                _need(rec, f, (int, float), f"experts[{i}].", name)
+                _finite(_need(rec, f, (int, float), f"experts[{i}].", name), f"experts[{i}].{f}", name)
     ranking = _need(doc, "ranking", dict, "", name)
     known = set(layers)
     for what, recs in (("experts", experts), ("ranking.entries", _need(ranking, "entries", list, "ranking.", name))):
         for i, rec in enumerate(recs):
-            for f in ("layer", "expert", "rd"):
-                _need(rec, f, (int, float), f"{what}[{i}].", name)
+            for f in ("layer", "expert"):
+                _need(rec, f, int, f"{what}[{i}].", name)
+            _finite(_need(rec, "rd", (int, float), f"{what}[{i}].", name), f"{what}[{i}].rd", name)
             if rec["layer"] not in known or not 0 <= rec["expert"] < n_expert:
                 raise UserError(f"{name}: not a valid scan file: {what}[{i}] names expert "
                                 f"{rec['layer']}:{rec['expert']}, not one of the model's")

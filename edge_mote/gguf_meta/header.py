@@ -113,3 +113,65 @@ def check_context(path: str | os.PathLike, n_ctx: int | None) -> int:
         raise UserError(f"context size {n_ctx} (--ctx) is larger than the context {Path(path).name} was trained "
                         f"with ({train} tokens)", hint=f"use --ctx {train} or less")
     return n_ctx
+
+
+def check_layout(path: str | os.PathLike) -> None:
+    """Walk the whole key-value section with bounds checks (counts and lengths against the file's size), so that a
+    damaged file is a one-line ``UserError`` here instead of minutes of parsing -- or a huge allocation -- in
+    gguf-py. Cheap: arrays of numbers are skipped with a seek, only string arrays are walked."""
+    path = Path(path)
+    size = path.stat().st_size
+
+    def bad(why: str) -> UserError:
+        return UserError(f"{path} is not a valid GGUF file ({why})", hint="the file may be truncated or damaged")
+
+    with open(path, "rb", buffering=1 << 16) as fh:
+        def read(n: int) -> bytes:
+            b = fh.read(n)
+            if len(b) != n:
+                raise bad("it ends inside its metadata")
+            return b
+
+        def u(fmt: str):
+            return struct.unpack("<" + fmt, read(struct.calcsize(fmt)))[0]
+
+        def skip_string(what: str) -> None:
+            n = u("Q")
+            if n > size - fh.tell():
+                raise bad(f"{what}: a string of {n} bytes in a file of {size}")
+            fh.seek(n, os.SEEK_CUR)
+
+        if read(4) != b"GGUF":
+            raise bad("it does not start with the GGUF magic")
+        version = u("I")
+        if version not in (2, 3):
+            raise bad(f"GGUF version {version} is not supported")
+        n_tensors, n_kv = u("Q"), u("Q")
+        if n_kv > size or n_tensors > size:
+            raise bad(f"it claims {n_kv} metadata keys and {n_tensors} tensors in {size} bytes")
+        for i in range(n_kv):
+            klen = u("Q")
+            if klen > min(_MAX_KEY, size - fh.tell()):
+                raise bad(f"metadata key {i}: a key of {klen} bytes")
+            key = read(klen).decode("utf-8", "replace")
+            vtype = u("I")
+            if vtype == _ARRAY:
+                itype, n = u("I"), u("Q")
+                left = size - fh.tell()
+                if itype in _FIXED:
+                    if n * _FIXED[itype] > left:
+                        raise bad(f"{key}: an array of {n} items in {left} bytes")
+                    fh.seek(_FIXED[itype] * n, os.SEEK_CUR)
+                elif itype == _STRING:
+                    if n * 8 > left:
+                        raise bad(f"{key}: an array of {n} strings in {left} bytes")
+                    for _ in range(n):
+                        skip_string(key)
+                else:
+                    raise bad(f"{key}: an array of type {itype}")
+            elif vtype == _STRING:
+                skip_string(key)
+            elif vtype in _FIXED:
+                read(_FIXED[vtype])
+            else:
+                raise bad(f"{key}: unknown value type {vtype}")

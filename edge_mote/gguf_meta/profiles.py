@@ -32,9 +32,12 @@ def open_reader(path: str | os.PathLike):
     """A gguf-py reader for ``path``; a missing, corrupt or truncated file is a UserError naming it."""
     from gguf import GGUFReader
 
+    from .header import check_layout
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
+    check_layout(path)  # lying counts and lengths: a one-line error, not minutes of parsing in gguf-py
     try:
         return GGUFReader(path, "r")
     except Exception as e:  # gguf-py raises ValueError, struct/numpy errors, IndexError on damaged files
@@ -65,10 +68,8 @@ def read_profiles_cached(path: str | os.PathLike) -> tuple[dict[str, Profile], s
     key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0v{K.SCHEMA_VERSION}".encode()).hexdigest()[:24]
     cache = Path(os.environ.get("EDGE_MOTE_CACHE", Path.home() / ".cache" / "edge-mote")).expanduser() / "meta" / f"{key}.json"
     try:
-        d = json.loads(cache.read_text())
-        return ({n: Profile(n, Steering.from_dict(p["steering"]), p["description"]) for n, p in d["profiles"].items()},
-                d["default"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return _decode_cache(json.loads(cache.read_text()))
+    except Exception:  # a missing or damaged cache entry (it is only a cache): read the file
         pass
     profiles, default = read_profiles(path)
     try:
@@ -79,6 +80,21 @@ def read_profiles_cached(path: str | os.PathLike) -> tuple[dict[str, Profile], s
         os.replace(tmp, cache)
     except OSError:
         pass
+    return profiles, default
+
+
+def _decode_cache(d) -> tuple[dict[str, Profile], str | None]:
+    """A cache entry of ``read_profiles_cached``, checked as strictly as the file would be (ValueError if damaged)."""
+    if not isinstance(d, dict) or not isinstance(d.get("profiles"), dict):
+        raise ValueError("bad cache entry")
+    profiles = {}
+    for n, p in d["profiles"].items():
+        if not K.PROFILE_NAME_RE.match(n) or not isinstance(p, dict) or not isinstance(p.get("description"), str):
+            raise ValueError("bad cache entry")
+        profiles[n] = Profile(n, Steering.from_dict(p["steering"]), p["description"])
+    default = d.get("default")
+    if default is not None and default not in profiles:
+        raise ValueError("bad cache entry")
     return profiles, default
 
 
@@ -95,41 +111,86 @@ def check_profile_name(name: str) -> str:
     return name
 
 
+def _typed(reader, key: str, vtype, sub=None):
+    """The value of ``key`` if it has the schema's type (``vtype``, arrays: items of ``sub``), None if absent; any
+    other type, or a string that is not UTF-8, is a UserError naming the key."""
+    from gguf import GGUFValueType as T
+
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    types = list(field.types)
+    want = [vtype] + ([sub] if sub is not None else [])
+    if types != want:
+        got = "/".join(t.name for t in types) or "nothing"
+        raise UserError(f"malformed edge-mote metadata: {key} is {got}, expected {'/'.join(t.name for t in want)}",
+                        hint="the file's edge-mote profiles are damaged; rewrite them with edge-mote profile add/rm")
+    if vtype == T.STRING or sub == T.STRING:
+        parts = [field.parts[i] for i in field.data] if field.data else []
+        try:
+            texts = [bytes(p).decode("utf-8") for p in parts]
+        except UnicodeDecodeError:
+            raise UserError(f"malformed edge-mote metadata: {key} is not valid UTF-8") from None
+        return texts if vtype == T.ARRAY else (texts[0] if texts else "")
+    return field.contents()
+
+
 def read_profiles(path_or_reader) -> tuple[dict[str, Profile], str | None]:
-    """All profiles stored in a GGUF file, by name, and the name of the default one (or None)."""
+    """All profiles stored in a GGUF file, by name, and the name of the default one (or None).
+
+    Strict about the schema (keys.py): a key of another type, arrays of different lengths, an unknown state,
+    a bad name or a non-finite value is a one-line UserError naming the key (the patched llama.cpp ignores such a
+    default profile with a warning; edge-mote refuses the file, so that nothing is silently ignored)."""
+    import math
+
+    from gguf import GGUFValueType as T
+
     reader = path_or_reader if hasattr(path_or_reader, "fields") else open_reader(path_or_reader)
-    version = _field_value(reader, K.VERSION)
+    version = _typed(reader, K.VERSION, T.UINT32)
     if version is None:
+        if any(name.startswith(K.PREFIX) for name in reader.fields):
+            raise UserError(f"malformed edge-mote metadata: {K.VERSION} is missing")
         return {}, None
     if int(version) != K.SCHEMA_VERSION:
         raise UserError(f"edge-mote metadata schema v{version} is not supported (this edge-mote reads v{K.SCHEMA_VERSION})",
                         hint="upgrade edge-mote")
-    names = _field_value(reader, K.PROFILES) or []
+    names = _typed(reader, K.PROFILES, T.ARRAY, T.STRING) or []
     profiles = {}
     for name in names:
-        layers = _field_value(reader, K.profile_key(name, K.PROFILE_LAYER)) or []
-        experts = _field_value(reader, K.profile_key(name, K.PROFILE_EXPERT)) or []
-        states = _field_value(reader, K.profile_key(name, K.PROFILE_STATE)) or []
-        biases = _field_value(reader, K.profile_key(name, K.PROFILE_BIAS)) or []
+        if not K.PROFILE_NAME_RE.match(name):
+            raise UserError(f"malformed edge-mote metadata: bad profile name {name[:80]!r}")
+        if name in profiles:
+            raise UserError(f"malformed edge-mote metadata: profile '{name}' is listed twice")
+        cols = [_typed(reader, K.profile_key(name, f), T.ARRAY, t) for f, t in
+                ((K.PROFILE_LAYER, T.INT32), (K.PROFILE_EXPERT, T.INT32), (K.PROFILE_STATE, T.INT32),
+                 (K.PROFILE_BIAS, T.FLOAT32))]
+        if any(c is None for c in cols):
+            raise UserError(f"malformed edge-mote metadata: profile '{name}' lacks its layer/expert/state/bias arrays")
+        layers, experts, states, biases = cols
         if not (len(layers) == len(experts) == len(states) == len(biases)):
             raise UserError(f"profile '{name}' in the GGUF is malformed: its arrays have different lengths")
-        margin = _field_value(reader, K.profile_key(name, K.PROFILE_MARGIN))
-        desc = _field_value(reader, K.profile_key(name, K.PROFILE_DESCRIPTION)) or ""
+        margin = _typed(reader, K.profile_key(name, K.PROFILE_MARGIN), T.FLOAT32)
+        desc = _typed(reader, K.profile_key(name, K.PROFILE_DESCRIPTION), T.STRING) or ""
         modes: dict[str, list] = {"off": [], "on": [], "drop": []}
         bias = {}
         for layer, expert, state, b in zip(layers, experts, states, biases):
             if int(state) in _MODE_OF_STATE:
                 modes[_MODE_OF_STATE[int(state)]].append((int(layer), int(expert)))
             elif int(state) == 0:
+                if not math.isfinite(float(b)):
+                    raise UserError(f"profile '{name}' in the GGUF has a non-finite bias for expert {layer}:{expert}")
                 bias[(int(layer), int(expert))] = float(b)
             else:
                 raise UserError(f"profile '{name}' in the GGUF has an invalid state {state}")
-        steering = Steering(off=modes["off"], drop=modes["drop"], on=modes["on"], bias=bias,
-                            margin=float(margin) if margin is not None else DEFAULT_MARGIN)
+        try:
+            steering = Steering(off=modes["off"], drop=modes["drop"], on=modes["on"], bias=bias,
+                                margin=float(margin) if margin is not None else DEFAULT_MARGIN)
+        except UserError as e:
+            raise UserError(f"profile '{name}' in the GGUF is malformed: {e}") from None
         profiles[name] = Profile(name, steering, str(desc))
-    default = _field_value(reader, K.DEFAULT_PROFILE) or None
+    default = _typed(reader, K.DEFAULT_PROFILE, T.STRING) or None
     if default is not None and default not in profiles:
-        raise UserError(f"the GGUF's default profile '{default}' is not among its profiles")
+        raise UserError(f"the GGUF's default profile {default[:80]!r} is not among its profiles")
     return profiles, default
 
 
