@@ -176,6 +176,28 @@ ARCH_SPECS: Final[dict[str, ArchSpec]] = {
         router="sigmoid", config_json={"rotary_dim": 8, "scoring_func": "sigmoid"},  # keys of the hub config.json
         seed=1,
     ),
+    "graniteswa": ArchSpec(
+        "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM",
+        _base(intermediate_size=32, shared_intermediate_size=32, num_local_experts=8, num_experts_per_tok=2,
+              rms_norm_eps=1e-6, embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.125,
+              logits_scaling=2.0, sliding_window=128),
+    ),
+    "glm4moelite": ArchSpec(  # GLM-4.7-Flash
+        "Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM",
+        _base(num_key_value_heads=4, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16,
+              num_experts_per_tok=4, n_shared_experts=1, n_group=1, topk_group=1, norm_topk_prob=True,
+              routed_scaling_factor=1.8, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16,
+              v_head_dim=16, rms_norm_eps=1e-5, mlp_layer_types=["dense", "sparse", "sparse"]),
+        router="sigmoid", tokenizer="glm",
+        # keys of the hub config.json the converter reads (transformers 5 writes mlp_layer_types instead)
+        config_json={"scoring_func": "sigmoid", "topk_method": "noaux_tc", "first_k_dense_replace": 1},
+    ),
+    "mellum": ArchSpec(
+        "MellumConfig", "MellumForCausalLM",
+        _base(head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+              norm_topk_prob=True, rms_norm_eps=1e-6, num_mtp_layers=0, sliding_window=None,
+              layer_types=["full_attention"] * 3, rope_parameters={"full_attention": dict(_ROPE)}),
+    ),
     "phimoe": ArchSpec(
         "PhimoeConfig", "PhimoeForCausalLM",
         _base(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,

@@ -89,6 +89,7 @@ ROUTER_CLASSES: Final[dict[str, str]] = {
     "DeepseekV3TopkRouter": "deepseek",
     "Glm4MoeTopkRouter": "deepseek",  # same routing code as DeepSeek-V3
     "Dots1TopkRouter": "deepseek",
+    "Glm4MoeLiteTopkRouter": "deepseek",
     "GptOssTopKRouter": "gptoss",
 }
 

@@ -134,6 +134,8 @@ ROUTER_SPECS: Final[dict[str, RouterSpec]] = {
     "GraniteMoeTopKRouter": RouterSpec("topk_softmax"),
     "GraniteMoeSharedTopKRouter": RouterSpec("topk_softmax"),
     "GraniteMoeHybridTopKRouter": RouterSpec("topk_softmax"),
+    "GraniteMoeSWATopKRouter": RouterSpec("topk_softmax"),
+    "MellumTopKRouter": RouterSpec("softmax", norm="norm_topk_prob"),
     "Lfm2MoeTopKRouter": RouterSpec("sigmoid", correction="arg", norm="norm_topk_prob", norm_eps=1e-6,
                                     scaling="routed_scaling_factor"),
     "MiniMaxM2TopKRouter": RouterSpec("sigmoid", correction="arg", norm=True),
