@@ -48,6 +48,8 @@ ARCHITECTURES: Final[dict[str, ArchSupport]] = {
     "DeepseekV2ForCausalLM": _v("deepseek2", "deepseekv2",
                                 "V2-Lite layout; llama.cpp recognises a model without q_lora_rank by 27 layers"),
     "Glm4MoeForCausalLM": _v("glm4moe", "glm4moe", "GLM-4.5/4.6"),
+    "SolarOpenForCausalLM": _v("glm4moe", "solaropen",
+                               "the converter assumes half-rotary heads unless rope_parameters says otherwise"),
     "Dots1ForCausalLM": _v("dots1", "dots1"),
     "Glm4MoeLiteForCausalLM": _v("deepseek2", "glm4moelite", "GLM-4.7-Flash"),
     "Qwen3NextForCausalLM": _v("qwen3next", "qwen3next", "converted with --no-mtp"),
@@ -105,7 +107,6 @@ ARCHITECTURES: Final[dict[str, ArchSupport]] = {
     "Qwen3VLMoeForConditionalGeneration": _u("qwen3vlmoe"),
     "Qwen4ExpForCausalLM": _u("qwen4exp"),
     "Qwen4ExpForConditionalGeneration": _u("qwen4exp"),
-    "SolarOpenForCausalLM": _u("glm4moe"),
     "Step3p7ForConditionalGeneration": _u("step35"),
 }
 

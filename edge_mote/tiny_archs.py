@@ -43,6 +43,7 @@ class ArchSpec:
     # "gpt2": the GPT-2 BPE vocabulary; "spm": a small SentencePiece model (converters that read tokenizer.model);
     # "glm": GPT-2 plus the four special tokens GLM's converter looks up
     tokenizer: str = "gpt2"
+    special_tokens: tuple[str, ...] = ()  # added to the GPT-2 vocabulary (special tokens a converter looks up)
     tokenizer_config: dict[str, Any] = field(default_factory=dict)  # keys added to tokenizer_config.json
     convert_args: tuple[str, ...] = ()  # extra convert_hf_to_gguf.py options
     # config.json entries the converter sees instead of the saved ones (see convert_arch_model)
@@ -198,6 +199,14 @@ ARCH_SPECS: Final[dict[str, ArchSpec]] = {
               norm_topk_prob=True, rms_norm_eps=1e-6, num_mtp_layers=0, sliding_window=None,
               layer_types=["full_attention"] * 3, rope_parameters={"full_attention": dict(_ROPE)}),
     ),
+    "solaropen": ArchSpec(
+        "SolarOpenConfig", "SolarOpenForCausalLM",
+        _base(head_dim=16, moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
+              n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0, rms_norm_eps=1e-5),
+        router="sigmoid", special_tokens=("<unk>", "<|startoftext|>"),
+        # transformers rotates the whole head; the converter (GLM-4.5's) assumes half unless told
+        convert_config={"rope_parameters": {**_ROPE, "partial_rotary_factor": 1.0}}, seed=1,
+    ),
     "phimoe": ArchSpec(
         "PhimoeConfig", "PhimoeForCausalLM",
         _base(intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
@@ -262,6 +271,7 @@ def make_arch_model(arch: str, out_dir: Path, vocab_gguf: Path, seed: int = 0) -
         kwargs.update(vocab_size=n_vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     elif spec.tokenizer == "glm":
         kwargs.update(vocab_size=kwargs["vocab_size"] + len(_GLM_SPECIAL))
+    kwargs["vocab_size"] += len(spec.special_tokens)
     config = getattr(transformers, spec.config)(**kwargs)
     config.dtype = torch.float32
     seed += spec.seed
@@ -277,11 +287,12 @@ def make_arch_model(arch: str, out_dir: Path, vocab_gguf: Path, seed: int = 0) -
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if spec.tokenizer in ("gpt2", "glm"):
         make_gpt2_tokenizer(vocab_gguf, out_dir)
-    if spec.tokenizer == "glm":
+    added = (_GLM_SPECIAL if spec.tokenizer == "glm" else ()) + spec.special_tokens
+    if added:
         from transformers import PreTrainedTokenizerFast
 
         tok = PreTrainedTokenizerFast.from_pretrained(str(out_dir))
-        tok.add_special_tokens({"additional_special_tokens": list(_GLM_SPECIAL)})
+        tok.add_special_tokens({"additional_special_tokens": list(added)})
         tok.save_pretrained(str(out_dir))
     if spec.tokenizer_config:
         path = out_dir / "tokenizer_config.json"

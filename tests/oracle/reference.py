@@ -90,6 +90,7 @@ ROUTER_CLASSES: Final[dict[str, str]] = {
     "Glm4MoeTopkRouter": "deepseek",  # same routing code as DeepSeek-V3
     "Dots1TopkRouter": "deepseek",
     "Glm4MoeLiteTopkRouter": "deepseek",
+    "SolarOpenTopkRouter": "deepseek",
     "GptOssTopKRouter": "gptoss",
 }
 
