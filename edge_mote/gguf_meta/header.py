@@ -154,6 +154,8 @@ def check_layout(path: str | os.PathLike) -> None:
             if klen > min(_MAX_KEY, size - fh.tell()):
                 raise bad(f"metadata key {i}: a key of {klen} bytes")
             key = read(klen).decode("utf-8", "replace")
+            if not key.isprintable() or len(key) > 80:  # a damaged key: shown escaped, on one line
+                key = repr(key[:80])
             vtype = u("I")
             if vtype == _ARRAY:
                 itype, n = u("I"), u("Q")
