@@ -17,9 +17,10 @@ from .options import echo_json, json_option
               help="Keep this share of each layer's experts, the most salient on --calib.")
 @click.option("--calib", default=None, type=click.Path(dir_okay=False, exists=True), metavar="PROMPTS",
               help="Prompts the saliency is measured on (with --keep-ratio).")
-@click.option("--saliency", type=click.Choice(["frequency", "reap", "random"]), default="frequency",
-              show_default=True, help="frequency: routing frequency x gate weight; reap: mean gate x expert output "
-                                      "norm over routed tokens (REAP); random: a baseline.")
+@click.option("--saliency", type=click.Choice(["reap", "frequency", "random"]), default="reap",
+              show_default=True, help="reap: mean gate weight x expert output norm over the tokens routed to the "
+                                      "expert (REAP; kept quality best on the organism, BENCHMARKS.md); frequency: "
+                                      "routing frequency x gate weight; random: a baseline.")
 @click.option("--protect-profile", "protect", multiple=True, metavar="NAME",
               help="Never remove the experts this stored profile steers.")
 @click.option("--raw", is_flag=True, help="Calibration prompts as raw text (no chat template).")

@@ -249,7 +249,7 @@ def expert_tensor_layer(name: str) -> int | None:
 
 def prune_model(src: str | os.PathLike, dst: str | os.PathLike, *, drop: Iterable[tuple[int, int]] | None = None,
                 keep_ratio: float | None = None, calib: str | os.PathLike | None = None,
-                protect: Sequence[str] = (), saliency: str = "frequency", raw: bool = False, seed: int = 0,
+                protect: Sequence[str] = (), saliency: str = "reap", raw: bool = False, seed: int = 0,
                 n_threads: int | None = None, progress: bool = False) -> PruneResult:
     """Write ``dst``: ``src`` without the experts ``drop`` lists, or without the least salient ones so that
     ``keep_ratio`` of each layer's experts stay (saliency measured on the ``calib`` prompts, see ``saliency``).

@@ -4,8 +4,10 @@ Methods (higher = more salient, kept first):
 
 * ``frequency`` -- routing frequency x mean gate weight: the expert's gate weight summed over all calibration
   tokens / number of tokens (0 for a token that did not select it). Needs only the routing capture.
-* ``reap`` -- REAP (Cerebras, arXiv 2510.13999): the mean, over the tokens routed to the expert, of gate weight x
-  the L2 norm of the expert's output. Needs the expert outputs (``edge_mote.runtime.probe``).
+* ``reap`` (default) -- REAP (Cerebras, arXiv 2510.13999): the mean, over the tokens routed to the expert, of gate
+  weight x the L2 norm of the expert's output. Needs the expert outputs (``edge_mote.runtime.probe``). On the
+  organism it kept quality clearly better than ``frequency``, which removes rarely routed but decisive experts
+  (bench/bench_prune.py, BENCHMARKS.md).
 * ``random`` -- a seeded random score: the baseline the other two must beat.
 
 Saliency is measured on the model without steering (its default profile is not applied): the pruned file should
@@ -129,7 +131,7 @@ def reap_stats(path: str | os.PathLike, seqs, n_expert: int, n_threads: int | No
     return RoutingStats(tuple(layers), count, gate, reap, n_tokens)
 
 
-def measure_saliency(path: str | os.PathLike, calib: str | os.PathLike, method: str = "frequency", raw: bool = False,
+def measure_saliency(path: str | os.PathLike, calib: str | os.PathLike, method: str = "reap", raw: bool = False,
                      seed: int = 0, n_threads: int | None = None, progress: bool = False) -> dict[int, np.ndarray]:
     """Saliency of every routed expert of the GGUF at ``path`` on the prompts of ``calib``: {layer: [n_expert]}."""
     from ..runtime.model import load

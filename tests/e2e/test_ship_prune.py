@@ -136,7 +136,7 @@ def test_cli_keep_ratio_protects_and_renumbers_profile(with_profile, edge_mote_e
                   "--protect-profile", "keep-me", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    assert doc["n_expert_after"] == 4 and doc["saliency"] == "frequency"
+    assert doc["n_expert_after"] == 4 and doc["saliency"] == "reap"
     assert 7 not in doc["dropped"]["1"] and 6 not in doc["dropped"]["2"]
     profiles, default = read_profiles(out)
     kept1 = [e for e in range(8) if e not in doc["dropped"]["1"]]
