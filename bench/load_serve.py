@@ -193,7 +193,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--parallel", type=int, default=8, help="the server's slots")
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="llama.cpp threads (on a busy 2-core machine, 2 threads make ggml's spinning workers stall)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--organism", type=Path, default=None,
                     help="folder of an organism build to reuse (default: built once under the cache)")

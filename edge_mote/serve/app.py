@@ -77,8 +77,10 @@ async def _wait_disconnect(request: HttpRequest) -> None:
             return
 
 
-async def _start(state: ServerState, job: Job):
-    """Tokenize, submit; returns (handle, queue of events, the prompt's text for echo)."""
+async def _start(state: ServerState, job: Job, every_event: bool = True):
+    """Tokenize, submit; returns (handle, queue of events, list of held events). Without ``every_event`` only the
+    Finished event goes through the queue (one wake-up of the event loop per request, not per token) and the
+    TokenEvents before it wait in the list."""
     sched = state.scheduler
     tokens = await asyncio.wrap_future(sched.call(_tokenize(job, state.n_vocab)))
     if len(tokens) >= sched.n_ctx_seq:
@@ -86,8 +88,12 @@ async def _start(state: ServerState, job: Job):
                        "(--ctx)", "messages" if job.kind == "chat" else "prompt", "context_length_exceeded")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    held: list = []
 
     def sink(event) -> None:
+        if not every_event and not isinstance(event, Finished):
+            held.append(event)
+            return
         try:
             loop.call_soon_threadsafe(queue.put_nowait, event)
         except RuntimeError:  # the event loop is gone (server shutting down)
@@ -99,7 +105,7 @@ async def _start(state: ServerState, job: Job):
         raise ApiError(400, str(e)) from None
     except EdgeMoteError as e:
         raise ApiError(503, str(e), None, "unavailable", "server_error") from None
-    return handle, queue
+    return handle, queue, held
 
 
 def _failure(ev: Finished) -> ApiError:
@@ -109,19 +115,20 @@ def _failure(ev: Finished) -> ApiError:
 
 
 async def _complete(state: ServerState, job: Job, request: HttpRequest):
-    handle, queue = await _start(state, job)
+    handle, queue, held = await _start(state, job, every_event=False)
     acc = Accumulator(job, state.scheduler.layers)
     rid = new_id(job.kind)
     gone = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        while acc.finished is None:
-            get = asyncio.ensure_future(queue.get())
-            await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not get.done():
-                get.cancel()
-                handle.cancel()
-                return JSONResponse({}, status_code=499)  # nobody reads it
-            acc.add(get.result())
+        get = asyncio.ensure_future(queue.get())
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            handle.cancel()
+            return JSONResponse({}, status_code=499)  # nobody reads it
+        for ev in held:
+            acc.add(ev)
+        acc.add(get.result())
     finally:
         gone.cancel()
         if acc.finished is None:
@@ -134,7 +141,7 @@ async def _complete(state: ServerState, job: Job, request: HttpRequest):
 async def _stream(state: ServerState, job: Job):
     from sse_starlette.sse import EventSourceResponse
 
-    handle, queue = await _start(state, job)
+    handle, queue, _ = await _start(state, job)
     acc = Accumulator(job, state.scheduler.layers)
     rid, created = new_id(job.kind), int(time.time())
 

@@ -22,7 +22,7 @@ def test_mixed_steering_under_load_has_no_failures_and_no_crosstalk(models_dir, 
                for name in ("behavior_heldout", "control_heldout") for it in load_prompts(org.sets[name])][::3]
     rec = meta["recipe"]
     reqs = make_requests(40, prompts, (rec["n_expert"], rec["top_k"], rec["n_layer"]), max_tokens=12)
-    server = Server(path, "--parallel", "8", "--ctx", "256", "--threads", "2")
+    server = Server(path, "--parallel", "8", "--ctx", "256", "--threads", "1")
     try:
         res = run_load(server.url, reqs, clients=8)
     finally:
