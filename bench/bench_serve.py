@@ -141,7 +141,7 @@ def main() -> int:
     ap.add_argument("--per-client", type=int, default=3, help="requests per client per measurement")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--prompt-words", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads, both servers")
     ap.add_argument("--ctx", type=int, default=256, help="tokens per sequence, both servers")
     ap.add_argument("--server-lib", choices=("stock", "patched"), default="stock")
     a = ap.parse_args()
