@@ -64,6 +64,8 @@ ARCHITECTURES: Final[dict[str, ArchSupport]] = {
                              "the converter drops routed_scaling_factor: only models with factor 1 convert exactly"),
     "MiniMaxM2ForCausalLM": _v("minimax-m2", "minimaxm2"),
     "MellumForCausalLM": _v("mellum", "mellum"),
+    "HunYuanMoEV1ForCausalLM": _v("hunyuan-moe", "hunyuanmoe",
+                                  "the converter reads a tiktoken-style tokenizer (the test serves GPT-2's that way)"),
     # llama.cpp and transformers disagree before any steering
     "GraniteMoeHybridForCausalLM": ArchSupport(
         "granitehybrid", "disagrees", "granitehybrid",
@@ -78,8 +80,6 @@ ARCHITECTURES: Final[dict[str, ArchSupport]] = {
         "minimax01", "disagrees", None,
         "the converter only knows the remote-code checkpoint (MiniMaxText01ForCausalLM, sharded index, rotary_dim); "
         "a transformers-saved folder does not convert"),
-    "HunYuanMoEV1ForCausalLM": _u(
-        "hunyuan-moe", "the converter needs Hunyuan's own tiktoken tokenizer (remote code); not built offline yet"),
     # in both, not yet covered
     "Llama4ForConditionalGeneration": _u("llama4", "multimodal wrapper of the verified Llama4ForCausalLM"),
     "Qwen3_5MoeForConditionalGeneration": _u("qwen35moe", "multimodal wrapper of the verified Qwen3.5-MoE text model"),

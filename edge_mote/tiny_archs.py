@@ -110,6 +110,9 @@ ARCH_SPECS: Final[dict[str, ArchSpec]] = {
     "hunyuanmoe": ArchSpec(
         "HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
         _base(head_dim=16, intermediate_size=32, num_experts=8, moe_topk=2, rms_norm_eps=1e-5, pad_token_id=0),
+        tokenizer="tiktoken",
+        # the hub's per-layer lists the converter reads (transformers sizes shared and routed experts alike)
+        config_json={"moe_intermediate_size": [32] * 3, "moe_topk": [2] * 3, "num_shared_expert": [1] * 3},
     ),
     "ernie45moe": ArchSpec(
         "Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
@@ -285,8 +288,10 @@ def make_arch_model(arch: str, out_dir: Path, vocab_gguf: Path, seed: int = 0) -
         data = json.loads(path.read_text(encoding="utf-8"))
         data.update(spec.config_json)
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if spec.tokenizer in ("gpt2", "glm"):
+    if spec.tokenizer in ("gpt2", "glm", "tiktoken"):
         make_gpt2_tokenizer(vocab_gguf, out_dir)
+    if spec.tokenizer == "tiktoken":
+        _add_tiktoken_shim(out_dir)
     added = (_GLM_SPECIAL if spec.tokenizer == "glm" else ()) + spec.special_tokens
     if added:
         from transformers import PreTrainedTokenizerFast
@@ -356,3 +361,44 @@ def convert_arch_model(arch: str, hf_dir: Path, out_path: Path, llama_cpp_dir: P
         return convert_hf_to_gguf(view, out_path, llama_cpp_dir, "f32", spec.convert_args)
     finally:
         shutil.rmtree(view, ignore_errors=True)
+
+
+# Hunyuan's converter reads a tiktoken-style tokenizer (remote code): ``mergeable_ranks`` (bytes -> rank) and
+# ``special_tokens``. This local class serves the GPT-2 vocabulary that way (GPT-2 ids are merge ranks).
+_TIKTOKEN_SHIM: Final[str] = '''
+from transformers import PreTrainedTokenizerFast
+
+
+def _byte_decoder():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\\xa1"), ord("\\xac") + 1)) + list(range(ord("\\xae"), ord("\\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class TinyTiktokenTokenizer(PreTrainedTokenizerFast):
+    @property
+    def special_tokens(self):
+        return {t: i for t, i in self.get_added_vocab().items()}
+
+    @property
+    def mergeable_ranks(self):
+        dec = _byte_decoder()
+        special = self.special_tokens
+        return {bytes(dec[ch] for ch in tok): i for tok, i in self.backend_tokenizer.get_vocab(False).items()
+                if tok not in special}
+'''
+
+
+def _add_tiktoken_shim(out_dir: Path) -> None:
+    (out_dir / "tokenization_tiny.py").write_text(_TIKTOKEN_SHIM.lstrip(), encoding="utf-8")
+    path = out_dir / "tokenizer_config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["auto_map"] = {"AutoTokenizer": [None, "tokenization_tiny.TinyTiktokenTokenizer"]}
+    data["tokenizer_class"] = "TinyTiktokenTokenizer"
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
