@@ -4,10 +4,15 @@ Same contract as :func:`edge_mote.tiny.make_tiny_hf_model` (hidden size 64, the 
 routers drawn with a large standard deviation so that routing is well separated), for the architectures that both
 transformers and llama.cpp's ``convert_hf_to_gguf.py`` support. Only tests and benchmarks use them.
 
-Per-architecture pitfalls handled here (each was a transformers/llama.cpp disagreement on the unsteered model):
+Pitfalls handled here (each made the converter fail or llama.cpp disagree with transformers on the unsteered model;
+the README's Architectures section lists them):
 
 * every router bias / score-correction buffer is drawn non-zero, so a converter that drops it would show;
-* ``config.json`` gets the keys llama.cpp's converter reads but transformers no longer writes (``scoring_func``).
+* ``config_json``: keys of the hub ``config.json`` the converter reads but transformers 5 no longer writes
+  (``scoring_func``, ``rotary_dim``, ``first_k_dense_replace``, Hunyuan's per-layer lists, Granite hybrid's
+  ``layer_types``); ``convert_config``: what only the converter must see (architecture names, Qwen3.5's model type);
+* vocabularies: GPT-2's BPE, plus special tokens some converters look up, a small SentencePiece model (ERNIE, Jamba)
+  or a tiktoken-style view of GPT-2's (Hunyuan).
 """
 
 from __future__ import annotations
