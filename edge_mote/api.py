@@ -121,6 +121,7 @@ def add_profile(model: str | os.PathLike, out: str | os.PathLike, name: str, ste
         info = m.info
         if not info.is_moe:
             raise UserError(f"{Path(model).name} is not a Mixture-of-Experts model")
+        m.require_steerable()  # no profiles for architectures where steering cannot be verified
         steering.to_arrays(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)  # validates
     profiles, current_default = read_profiles(model)
     profiles = dict(profiles)

@@ -8,17 +8,25 @@ from both sides and fails when an architecture is missing here). Status:
   unsteered logits, OFF, ON, DROP, bias and the routing capture match the transformers reference.
 * ``disagrees``: llama.cpp and transformers already disagree *unsteered* on the tiny model (or the converter cannot
   convert what transformers saves), so no steering result can be verified; ``note`` says where.
-* ``untested``: converts in principle, no oracle test yet.
+* ``untested``: converts in principle, no oracle test yet (also any llama.cpp architecture not listed here).
 
-Data only: nothing in the runtime consults it yet.
+The runtime consults it whenever a steering is set (``check_steerable``, called by ``Model.set_steering``, the
+per-sequence steerings of ``logits_many``/``greedy_many``/``routing_many`` and ``ParallelContext``, a GGUF's
+default profile at load, ``profile add``): on a ``disagrees`` architecture any steering (OFF, ON, DROP, bias,
+context-wide or per sequence, stored profiles) is a UserError naming the architecture and the reason; on an
+``untested`` one it is allowed with a warning (``UnverifiedArchitectureWarning``, once per architecture and
+process). Unsteered use and the routing capture are never refused.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["ARCHITECTURES", "ArchSupport", "gguf_arch_status"]
+from .errors import UserError
+
+__all__ = ["ARCHITECTURES", "ArchSupport", "UnverifiedArchitectureWarning", "check_steerable", "gguf_arch_status"]
 
 
 @dataclass(frozen=True)
@@ -118,3 +126,37 @@ def gguf_arch_status(gguf_arch: str) -> str:
         if status in states:
             return status
     return "untested"
+
+
+class UnverifiedArchitectureWarning(UserWarning):
+    """Steering an architecture no oracle test covers (``untested``): it probably works, nothing proves it."""
+
+
+_warned: set[str] = set()
+
+
+def _disagreement(gguf_arch: str) -> ArchSupport | None:
+    for a in ARCHITECTURES.values():
+        if a.gguf_arch == gguf_arch and a.status == "disagrees":
+            return a
+    return None
+
+
+def check_steerable(gguf_arch: str) -> None:
+    """Whether expert steering may be set on a model of llama.cpp architecture ``gguf_arch``.
+
+    ``verified``: silently yes. ``disagrees``: a UserError (one line: the architecture and why). ``untested``: yes,
+    with an ``UnverifiedArchitectureWarning`` the first time per architecture in this process.
+    """
+    status = gguf_arch_status(gguf_arch)
+    if status == "disagrees":
+        a = _disagreement(gguf_arch)
+        why = a.note.split(";")[0].strip() if a and a.note else "llama.cpp and transformers disagree unsteered"
+        raise UserError(f"steering is refused on architecture '{gguf_arch}': it cannot be verified ({why})",
+                        hint="run the model unsteered, or use an architecture with ✅ in README.md's Architectures "
+                             "table (details: edge_mote/arch_support.py)")
+    if status == "untested" and gguf_arch not in _warned:
+        _warned.add(gguf_arch)
+        warnings.warn(f"steering architecture '{gguf_arch}', which no oracle test covers yet: it goes through "
+                      "llama.cpp's shared MoE code, but nothing verifies the result", UnverifiedArchitectureWarning,
+                      stacklevel=3)

@@ -56,10 +56,31 @@ def cli():
     """edge-mote: find, steer and ship the experts of Mixture-of-Experts LLMs (llama.cpp)."""
 
 
+def _one_line_warnings() -> None:
+    """edge-mote's own warnings (steering an untested architecture) as one ``warning: ...`` line on stderr."""
+    import warnings
+
+    from ..arch_support import UnverifiedArchitectureWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "_edge_mote", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UnverifiedArchitectureWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._edge_mote = True
+    warnings.showwarning = show
+
+
 def main(argv=None) -> int:
     from ..errors import EdgeMoteError, UserError
 
     debug = os.environ.get("EDGE_MOTE_DEBUG") == "1"
+    _one_line_warnings()
     try:
         cli.main(args=argv, prog_name="edge-mote", standalone_mode=False)
         return 0

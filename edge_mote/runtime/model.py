@@ -177,6 +177,14 @@ class Model:
         )
         self.info = ModelInfo(**info)
         self._steering = self._read_native_steering()
+        if self._steering:
+            try:  # the patch applied the GGUF's default profile: refused where steering cannot be verified
+                self.require_steerable()
+            except UserError as e:
+                self.close()
+                raise UserError(f"{Path(path).name} has default profile '{default}', but {e}",
+                                hint=f"write a copy without it: edge-mote profile rm {Path(path).name} {default} "
+                                     "-o OUT.gguf") from None
         self.default_profile_error: str | None = None
         if default is not None and not self._steering:
             # the patch validates the default profile when a context is made; it refused this one (logged why)
@@ -233,6 +241,14 @@ class Model:
         """A UserError unless the model has routed experts."""
         self._require_moe()
 
+    def require_steerable(self) -> None:
+        """A UserError unless steering may be set on this model: it has routed experts, and its architecture is not
+        one where llama.cpp and transformers disagree (``edge_mote.arch_support``; untested ones warn once)."""
+        from ..arch_support import check_steerable
+
+        self._require_moe()
+        check_steerable(self.info.arch)
+
     def _read_native_steering(self) -> Steering:
         if not self.info.is_moe:
             return Steering()
@@ -265,7 +281,7 @@ class Model:
         steering = coerce(steering)
         self._live()
         if steering:
-            self._require_moe()
+            self.require_steerable()
             info = self.info
             steering.check(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)
         previous, self._steering = self._steering, steering
@@ -361,7 +377,7 @@ class Model:
         if len(steerings) != n:
             raise UserError(f"{len(steerings)} steerings for {n} sequences: give one per sequence (None: the Model's)")
         if any(steerings):
-            self._require_moe()
+            self.require_steerable()
         return steerings
 
     # -- the batched context ----------------------------------------------------------------------------------

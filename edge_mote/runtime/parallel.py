@@ -99,6 +99,7 @@ class ParallelContext:
             info = self._model.info
             if not info.is_moe:
                 raise UserError(f"{info.path} is not a Mixture-of-Experts model: it cannot be steered")
+            self._model.require_steerable()  # refused on architectures where steering cannot be verified
             state, bias = steering.to_arrays(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used)
             rc = self._lib.llama_set_expert_steering_seq(self._live(), seq, B.as_ptr(state, ctypes.c_int8),
                                                          B.as_ptr(bias, ctypes.c_float), steering.margin,

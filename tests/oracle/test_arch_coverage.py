@@ -93,3 +93,46 @@ def test_disagreeing_architectures_do_disagree_unsteered(name, arch_model, nativ
     with torch.no_grad():
         theirs = ref(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].float().numpy()
     assert np.abs(ours - theirs).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", [n for n, a in ARCHITECTURES.items() if a.status == "disagrees" and a.tiny])
+def test_steering_is_refused_where_it_cannot_be_verified(name, arch_model, native, tmp_path, capsys):
+    """On a 'disagrees' architecture the model runs unsteered, and every way to steer it is a one-line UserError
+    naming the architecture: context-wide, per sequence, a stored profile, a GGUF's default profile, profile add."""
+    from edge_mote.api import add_profile
+    from edge_mote.errors import UserError
+    from edge_mote.gguf_meta.profiles import Profile, write_profiles
+    from edge_mote.steering import Steering
+
+    arch = ARCHITECTURES[name].gguf_arch
+    _, gguf = arch_model(ARCHITECTURES[name].tiny)
+    with edge_mote.load(gguf, n_ctx=64, n_threads=2, type_k=0, type_v=0) as model:
+        tokens = model.tokenize(PROMPT, add_bos=False)[:8]
+        model.logits(tokens)  # unsteered: fine
+        model.routing(tokens)  # so is the capture
+        steering = Steering(off=[(model.info.moe_layers[0], 1)])
+        for attempt in (lambda: model.set_steering(steering),
+                        lambda: model.set_steering(f"bias={model.info.moe_layers[-1]}:0=2"),
+                        lambda: model.logits_many([tokens], steerings=[steering]),
+                        lambda: model.greedy_many([tokens], 2, steerings=[steering])):
+            with pytest.raises(UserError, match=f"'{arch}'.*cannot be verified"):
+                attempt()
+        with model.open_batch(2, 32) as pc:
+            with pytest.raises(UserError, match=f"'{arch}'"):
+                pc.set_sequence_steering(1, steering)
+        assert not model.steering
+        model.logits(tokens)
+    with pytest.raises(UserError, match=f"'{arch}'"):
+        add_profile(gguf, tmp_path / "added.gguf", "p", steering)
+    assert not (tmp_path / "added.gguf").exists()
+    # a file that carries a default profile (written past profile add) does not load
+    steered = write_profiles(gguf, tmp_path / "default.gguf", {"p": Profile("p", steering, "")}, default="p")
+    with pytest.raises(UserError, match=f"default profile 'p'.*'{arch}'") as e:
+        edge_mote.load(steered, n_ctx=64, n_threads=2, type_k=0, type_v=0)
+    assert "profile rm" in e.value.hint
+    # the CLI: one line, exit 2
+    r = subprocess.run([sys.executable, "-m", "edge_mote", "run", str(gguf), "-p", "Hello", "-n", "2",
+                        "--steer", str(steering)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and f"'{arch}'" in lines[0] and len(lines) <= 2, r.stderr
