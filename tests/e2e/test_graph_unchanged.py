@@ -97,4 +97,6 @@ def test_uniform_batches_keep_the_context_wide_graph(arch, tiny_model, stock_lib
     mixed = graph(gguf, steer="seq-mixed")["nodes"]
     get_rows = lambda ns: sum(n.endswith("|GET_ROWS") for n in ns)
     assert get_rows(mixed) > get_rows(context_wide["nodes"])
-    assert any("steered" in n for n in mixed)
+    # the steering rows are in the graph (a hook's own name such as "ffn_moe_logits_steered" can be overwritten by
+    # llama.cpp's next name for the same tensor: gpt-oss's softmax-weight gating names the steered logits "ffn_moe_probs")
+    assert any(n.startswith("moe_steer") for n in mixed)
