@@ -30,18 +30,19 @@ import math
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from ..errors import EdgeMoteError, UserError
 from ..fileio import atomic_output, check_output
-from .gguf_copy import field_bytes, field_value, open_gguf, progress_bar
-from .prune import moe_shape
+from .gguf_index import read_index
+
+# Imports are lazy (numpy, gguf-py, tqdm): ``edge-mote quantize`` is a thin wrapper around llama-quantize, and its
+# fixed cost (start-up, reading the input's and the output's headers) is what it adds to llama-quantize's time.
 
 #: the types llama-quantize accepts, and the base type of each (what most weights get)
 BASE_TYPE = {
@@ -125,8 +126,7 @@ def calib_text(src: Path, calib: str | os.PathLike, raw: bool = False) -> tuple[
     special tokens (the template's markers) that llama-imatrix must parse."""
     from ..ftri.prompts import ChatTemplate, load_prompts, render
 
-    reader = open_gguf(src)
-    tmpl = field_value(reader, "tokenizer.chat_template")
+    tmpl = read_index(src).value("tokenizer.chat_template")
     template = ChatTemplate(str(tmpl)) if (tmpl and not raw) else None
     parts, special = [], False
     for item in load_prompts(calib):
@@ -179,7 +179,10 @@ def compute_imatrix(src: Path, calib: str | os.PathLike, out: Path, *, raw: bool
 
 def shrink_rare_experts(path: Path, prior_tokens: int) -> ImatrixInfo:
     """In place: every expert's statistics of a GGUF imatrix shrunk towards its tensor's pooled ones (module doc)."""
+    import numpy as np
     from gguf import GGUFReader
+
+    from .gguf_copy import field_value
 
     reader = GGUFReader(path, "r+")
     tensors = {t.name: t for t in reader.tensors}
@@ -278,21 +281,32 @@ def run_llama_quantize(src: Path, dst: Path, qtype: str, *, type_file: Path | No
         raise EdgeMoteError(f"llama-quantize failed (exit status {rc}): {why or _last_line(''.join(tail))}")
 
 
-def check_metadata_kept(src_reader, out_path: Path) -> None:
-    """Every metadata entry of the input is in the output, byte-equal (except the quantizer's own keys)."""
-    out = open_gguf(out_path)
-    for key in src_reader.fields:
-        if key.startswith("GGUF.") or key in _SAME_META_EXCEPT or key.startswith("quantize.imatrix."):
+def check_metadata_kept(src_index, out_index) -> None:
+    """Every metadata entry of the input is in the output, byte-equal (except the quantizer's own keys). Both are
+    ``gguf_index.GGUFIndex``es (or paths): the entries are compared as stored bytes, nothing decoded."""
+    src_index = read_index(src_index) if isinstance(src_index, (str, os.PathLike)) else src_index
+    out_index = read_index(out_index) if isinstance(out_index, (str, os.PathLike)) else out_index
+    for key, f in src_index.fields.items():
+        if key in _SAME_META_EXCEPT or key.startswith("quantize.imatrix."):
             continue
-        if field_bytes(out, key) != field_bytes(src_reader, key):
+        if out_index.raw(key) != f.raw:
             raise EdgeMoteError(f"llama-quantize changed metadata key {key}: refusing to write the output")
 
 
-def output_types(path: Path) -> dict[str, int]:
+def output_types(path_or_index) -> dict[str, int]:
+    index = read_index(path_or_index) if isinstance(path_or_index, (str, os.PathLike)) else path_or_index
     out: dict[str, int] = {}
-    for t in open_gguf(path).tensors:
+    for t in index.tensors:
         out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
     return dict(sorted(out.items()))
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from .gguf_copy import progress_bar
+
+    return progress_bar(total, desc, enabled)
 
 
 def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *, recipe: str = "uniform",
@@ -310,10 +324,12 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *
         raise UserError("give --imatrix or --calib, not both")
     if imatrix is not None and not Path(imatrix).is_file():
         raise UserError(f"importance matrix not found: {imatrix}")
-    reader = open_gguf(src)
+    reader = read_index(src)   # the header once: tensor infos, the few keys needed, metadata bytes to compare
     check_not_quantized(reader, src)
     overrides: dict[str, str] = {}
     if recipe == "moe":
+        from .prune import moe_shape
+
         shape = moe_shape(reader)
         if not shape.moe_layers:
             raise UserError(f"recipe moe is for Mixture-of-Experts models; {src.name} has no routed experts",
@@ -332,15 +348,16 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike, qtype: str, *
         if calib is not None:
             im_path = Path(d) / "imatrix.gguf"
             im_info = compute_imatrix(src, calib, im_path, raw=raw, n_threads=n_threads, prior_tokens=prior_tokens)
-        bar = progress_bar(sum(tensor_bytes.values()), f"quantizing {qtype}", progress)
+        bar = _progress_bar(sum(tensor_bytes.values()), f"quantizing {qtype}", progress)
         try:
             with atomic_output(dst, inputs=[src]) as tmp:
                 tq = time.perf_counter()
                 run_llama_quantize(src, tmp, qtype, type_file=type_file, imatrix=im_path, n_threads=n_threads,
                                    bar=bar, tensor_bytes=tensor_bytes)
                 quantize_seconds = time.perf_counter() - tq
-                check_metadata_kept(reader, tmp)
-                types = output_types(tmp)
+                out_index = read_index(tmp)
+                check_metadata_kept(reader, out_index)
+                types = output_types(out_index)
         finally:
             if bar is not None:
                 bar.close()
