@@ -11,7 +11,9 @@ A. Quality on the refusal organism (Qwen3-MoE, 4 layers x 16 experts, top-2; edg
    (behaviour prompts).
 B. Size, routed-expert bytes, peak RSS and decode speed vs fraction pruned, on a random Qwen3-MoE with 64 experts
    (hidden and expert width 256, 3 layers, top-2), quantized Q4_K_M, pruned in place of its quantized tensors.
-   Peak RSS: a fresh process loads the file and evaluates 64 tokens (median of ``--rss-rounds``, interleaved).
+   Peak RSS: a fresh process loads the file, evaluates 64 tokens and decodes 32; its own peak (VmHWM: see
+   RSS_SCRIPT for why not ``ru_maxrss``), median of ``--rss-rounds`` interleaved rounds, also minus the peak of the same process that
+   imports everything but loads no model (what the model itself costs).
 """
 
 from __future__ import annotations
@@ -31,13 +33,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ship_common as SC  # noqa: E402
 
 RSS_SCRIPT = r"""
-import resource, sys, time, edge_mote
+import sys, time
+import edge_mote
+import edge_mote.runtime.model  # the library and its imports, also for the no-model baseline
+
+
+def peak_rss():
+    # VmHWM: the high-water mark of this process's own address space since exec. Not ru_maxrss: Linux carries the
+    # peak of the pre-exec image (the forked/vforked copy of the parent, here a bench holding torch and the
+    # organism: ~0.9 GB) into the exec'd child's ru_maxrss, so every file measured the same
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmHWM:"))
+
+
+if sys.argv[1] == "-":
+    print(peak_rss(), 0.0)
+    raise SystemExit(0)
 with edge_mote.load(sys.argv[1], n_ctx=256, n_threads=2) as m:
     toks = m.tokenize("The quick brown fox jumps over the lazy dog. " * 6, add_bos=False)[:64]
     m.logits(toks)
     t = time.perf_counter(); new, _ = m.greedy(toks[:8], 32, stop_at_eos=False); dt = time.perf_counter() - t
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, len(new) / dt)
+    rss = peak_rss()
+print(rss, len(new) / dt)
 """
+
+
+def run_measured(path) -> tuple[int, float]:
+    """Peak RSS (bytes) of a fresh process that loads ``path`` ("-": none) and evaluates/decodes, and its decode
+    tok/s (RSS_SCRIPT)."""
+    res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"RSS probe failed on {path}: {res.stderr[-2000:]}")
+    a, b = res.stdout.split()[-2:]
+    return int(a), float(b)
 
 
 def part_a(args, work: Path) -> list[dict]:
@@ -94,14 +122,14 @@ def part_b(args, work: Path) -> list[dict]:
         files[frac] = prune_model(q, work / f"e64-q4km-p{frac}.gguf", drop=drop).output
     rss: dict[float, list[float]] = {f: [] for f in files}
     tps: dict[float, list[float]] = {f: [] for f in files}
+    floor: list[float] = []
     for rnd in range(args.rss_rounds):
         for frac in (list(files) if rnd % 2 == 0 else list(reversed(files))):
-            res = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(files[frac])], capture_output=True, text=True)
-            if res.returncode != 0:
-                raise SystemExit(res.stderr[-2000:])
-            a, b = res.stdout.split()
+            a, b = run_measured(files[frac])
             rss[frac].append(float(a))
-            tps[frac].append(float(b))
+            tps[frac].append(b)
+        floor.append(float(run_measured("-")[0]))
+    args.rss_floor = floor
     base = inspect_tensors(files[0.0])
     rows = []
     for frac, path in files.items():
@@ -109,7 +137,7 @@ def part_b(args, work: Path) -> list[dict]:
         rows.append({"fraction": frac, "bytes": Path(path).stat().st_size, "expert_bytes": rep.experts.bytes,
                      "file_shrink": 1 - Path(path).stat().st_size / Path(files[0.0]).stat().st_size,
                      "expert_shrink": 1 - rep.experts.bytes / base.experts.bytes,
-                     "rss": rss[frac], "tok_s": tps[frac]})
+                     "rss": rss[frac], "tok_s": tps[frac], "rss_floor": args.rss_floor})
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -141,14 +169,20 @@ def main(argv=None) -> int:
                       f"{rs[0]['n_expert']} | {f('first_kl')} | {f('answer_kl')} | {f('ppl')} | "
                       f"{f('behavior_first_kl')} | {f('refusal')} |")
     if b:
+        import statistics
+
+        floor = statistics.median(b[0]["rss_floor"])
         print("\nB. random Qwen3-MoE, 64 experts x 3 layers, Q4_K_M")
-        print("| pruned | file MiB | file shrink | expert-tensor shrink / fraction | peak RSS MiB (median [range]) "
-              "| decode tok/s |")
-        print("|---|---|---|---|---|---|")
+        print(f"peak RSS of the same process without a model (Python, numpy, libllama): "
+              f"{SC.median_spread(x / 2**20 for x in b[0]['rss_floor'])} MiB")
+        print("| pruned | file MiB | file shrink | expert-tensor MiB | expert-tensor shrink / fraction "
+              "| peak RSS MiB (median [range]) | peak RSS above the no-model process MiB | decode tok/s |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in b:
             ratio = r["expert_shrink"] / r["fraction"] if r["fraction"] else float("nan")
-            print(f"| {r['fraction']:.1%} | {r['bytes'] / 2**20:.2f} | {r['file_shrink']:.1%} | {ratio:.3f} | "
-                  f"{SC.median_spread(x / 2**20 for x in r['rss'])} | {SC.median_spread(r['tok_s'])} |")
+            print(f"| {r['fraction']:.1%} | {r['bytes'] / 2**20:.2f} | {r['file_shrink']:.1%} | "
+                  f"{r['expert_bytes'] / 2**20:.2f} | {ratio:.3f} | {SC.median_spread(x / 2**20 for x in r['rss'])} | "
+                  f"{(statistics.median(r['rss']) - floor) / 2**20:.1f} | {SC.median_spread(r['tok_s'])} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"a": a, "b": b}, indent=1))
     return 0
