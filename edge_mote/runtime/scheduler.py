@@ -78,13 +78,15 @@ class TokenEvent:
 @dataclass(frozen=True)
 class Finished:
     """The last event of a request. ``reason``: "stop" (end-of-generation token or stop string), "length"
-    (max_tokens or the sequence's context), "cancelled", or "error" (``error`` says why)."""
+    (max_tokens or the sequence's context), "cancelled", or "error" (``error`` says why; ``status``: the HTTP
+    status the failure asks for, e.g. 502/503 when an RPC worker of ``serve --rpc`` failed, None: an internal error)."""
 
     reason: str
     text: str                 # held-back text released at the end
     n_prompt: int
     n_generated: int
     error: str | None = None
+    status: int | None = None
 
 
 Sink = Callable[[object], None]
@@ -254,10 +256,11 @@ class Scheduler:
             if self._slots:
                 try:
                     done = self._step()
-                except Exception as e:  # a bug or a native failure: fail this step's requests, keep serving
+                except Exception as e:  # a bug, a native or a cluster failure: fail this step's requests, keep serving
                     done = list(self._slots.values())
+                    status = getattr(e, "http_status", None)   # serve --rpc: a worker failed (serve/cluster.py)
                     for slot in done:
-                        self._finish(slot, "error", f"{type(e).__name__}: {e}")
+                        self._finish(slot, "error", str(e) if status else f"{type(e).__name__}: {e}", status)
                 for slot in done:
                     free.append(slot.seq)
                 free.sort()
@@ -271,7 +274,7 @@ class Scheduler:
         try:
             self._pc.set_sequence_steering(seq, req.steering)
         except Exception as e:
-            handle.sink(Finished("error", "", len(req.tokens), 0, str(e)))
+            handle.sink(Finished("error", "", len(req.tokens), 0, str(e), getattr(e, "http_status", None)))
             free.append(seq)
             return
         rng = np.random.default_rng(req.sampling.seed) if req.sampling.temperature > 0 else None
@@ -376,7 +379,7 @@ class Scheduler:
         text, slot.sent = full[slot.sent: end], max(slot.sent, end)
         return text, False
 
-    def _finish(self, slot: _Slot, reason: str, error: str | None = None) -> None:
+    def _finish(self, slot: _Slot, reason: str, error: str | None = None, status: int | None = None) -> None:
         self._slots.pop(slot.seq, None)
         rest = ""
         if reason in ("length", "stop") and slot.generated and error is None:
@@ -389,7 +392,7 @@ class Scheduler:
         except Exception as e:  # pragma: no cover - a broken context: report it on this request
             reason, error = "error", error or str(e)
         self.stats.requests_done += 1
-        slot.handle.sink(Finished(reason, rest, len(slot.tokens), len(slot.generated), error))
+        slot.handle.sink(Finished(reason, rest, len(slot.tokens), len(slot.generated), error, status))
 
     @staticmethod
     def _sample(row: np.ndarray, sampling: Sampling, rng: np.random.Generator | None) -> int:

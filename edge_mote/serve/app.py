@@ -4,6 +4,10 @@ The scheduler thread owns the model; handlers talk to it through ``Scheduler.cal
 ``Scheduler.submit`` with a sink that moves each event into the handler's ``asyncio.Queue``
 (``loop.call_soon_threadsafe``). A client that disconnects -- mid-stream or while waiting for a non-streaming
 answer -- cancels its request, which frees its sequence slot at the next decode step.
+
+With ``--rpc`` the model is a ``serve.cluster.ClusterModel``: a worker that fails mid-generation ends the requests in
+flight with 502 (a stream: an error event naming the worker, then ``[DONE]``), and while the model waits for the
+worker and is loaded again new requests get 503 with ``Retry-After`` and /health says ``degraded`` (HTTP 503).
 """
 
 from __future__ import annotations
@@ -32,10 +36,26 @@ class ServerState:
     template: object                 # ftri.prompts.ChatTemplate or None
     n_vocab: int
     api_key: str | None = None
+    cluster: object | None = None    # serve.cluster.ClusterModel with --rpc
 
 
 def _error(e: ApiError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=getattr(e, "headers", None))
+
+
+def _cluster_error(e) -> ApiError:
+    """A ``ClusterFault`` (502) or ``ClusterUnavailable`` (503, with Retry-After) as an OpenAI-style error."""
+    err = ApiError(e.http_status, str(e), None, e.code, "server_error")
+    if getattr(e, "retry_after", None):
+        err.headers = {"Retry-After": str(e.retry_after)}
+    return err
+
+
+def _check_cluster(state: ServerState) -> None:
+    if state.cluster is not None:
+        down = state.cluster.unavailable()
+        if down is not None:
+            raise _cluster_error(down)
 
 
 def _check_auth(state: ServerState, request: HttpRequest) -> None:
@@ -111,6 +131,9 @@ async def _start(state: ServerState, job: Job, every_event: bool = True):
 def _failure(ev: Finished) -> ApiError:
     if ev.reason == "cancelled":  # not by this client: the server is shutting down
         return ApiError(503, "the server is shutting down", None, "unavailable", "server_error")
+    if ev.status is not None:  # serve --rpc: a worker failed (502) or the model is being loaded again (503)
+        code = "worker_lost" if ev.status == 502 else "unavailable"
+        return ApiError(ev.status, ev.error or "the model is unavailable", None, code, "server_error")
     return ApiError(500, f"generation failed: {ev.error}", None, "generation_failed", "server_error")
 
 
@@ -134,7 +157,10 @@ async def _complete(state: ServerState, job: Job, request: HttpRequest):
         if acc.finished is None:
             handle.cancel()
     if acc.finished.reason in ("error", "cancelled"):
-        return _error(_failure(acc.finished))
+        err = _failure(acc.finished)
+        if err.status == 503 and state.cluster is not None:
+            err.headers = {"Retry-After": str(state.cluster.retry_after())}
+        return _error(err)
     return JSONResponse(response(job, rid, acc, job.text or ""))
 
 
@@ -189,10 +215,17 @@ def build_app(state: ServerState) -> Starlette:
     async def health(request: HttpRequest):
         s = state.scheduler
         st = s.stats
-        return JSONResponse({"status": "ok", "model": state.catalog.base, "slots": s.n_seq, "busy": s.busy,
-                             "queued": s.queued, "n_ctx_seq": s.n_ctx_seq, "steps": st.steps,
-                             "decoded_tokens": st.decoded_tokens, "generated_tokens": st.generated_tokens,
-                             "max_seqs_in_step": st.max_seqs_in_step, "requests_done": st.requests_done})
+        body = {"status": "ok", "model": state.catalog.base, "slots": s.n_seq, "busy": s.busy,
+                "queued": s.queued, "n_ctx_seq": s.n_ctx_seq, "steps": st.steps,
+                "decoded_tokens": st.decoded_tokens, "generated_tokens": st.generated_tokens,
+                "max_seqs_in_step": st.max_seqs_in_step, "requests_done": st.requests_done}
+        if state.cluster is None:
+            return JSONResponse(body)
+        body["cluster"] = cluster = state.cluster.status()
+        if cluster["state"] == "ok":
+            return JSONResponse(body)
+        body["status"] = "degraded"
+        return JSONResponse(body, status_code=503, headers={"Retry-After": str(cluster["retry_after"])})
 
     async def models(request: HttpRequest):
         try:
@@ -206,6 +239,7 @@ def build_app(state: ServerState) -> Starlette:
             try:
                 _check_auth(state, request)
                 job = parse_job(kind, await _body(request), state.catalog, state.template)
+                _check_cluster(state)
                 return await (_stream(state, job) if job.stream else _complete(state, job, request))
             except ApiError as e:
                 return _error(e)

@@ -1,11 +1,16 @@
-"""Start ``edge-mote serve``: load the model, start the scheduler, bind the socket, run uvicorn until interrupted."""
+"""Start ``edge-mote serve``: load the model, start the scheduler, bind the socket, run uvicorn until interrupted.
+
+With RPC workers the model is loaded in an isolated child behind the cluster watchdog (``serve/cluster.py``): a
+worker fault fails the requests in flight, never the server, which loads the model again once the worker is back."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -61,12 +66,21 @@ def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Calla
         raise UserError(f"--parallel must be >= 1, got {cfg.parallel}")
     if not is_loopback(cfg.host):
         warn(LOOPBACK_WARNING.format(host=cfg.host, key="" if cfg.api_key else " (no --api-key given)"))
-    model = load(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
-                 rpc_servers=list(cfg.rpc_servers) if cfg.rpc_servers else None)
+    cluster = None
+    if cfg.rpc_servers:
+        from .cluster import ClusterModel
+
+        # the profile is applied in the child, at every (re)load
+        model = cluster = ClusterModel(
+            cfg.model, list(cfg.rpc_servers), n_seq=cfg.parallel, n_ctx_seq=cfg.n_ctx, profile=cfg.profile,
+            load_kwargs=dict(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers), warn=warn)
+    else:
+        model = load(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers)
     sched = sock = None
+    terminated = False
     try:
         sock = _bind(cfg.host, cfg.port)
-        if cfg.profile is not None:
+        if cfg.profile is not None and cluster is None:
             model.use_profile(cfg.profile)
         default_profile = model.info.default_profile if cfg.profile is None else (
             None if cfg.profile == "none" else cfg.profile)
@@ -79,20 +93,47 @@ def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Calla
             created=int(os.path.getmtime(info.path)))
         template = ChatTemplate.from_model(model)
         sched = Scheduler(model, n_seq=cfg.parallel, n_ctx_seq=cfg.n_ctx).start()
-        app = build_app(ServerState(sched, catalog, template, info.n_vocab, cfg.api_key))
+        app = build_app(ServerState(sched, catalog, template, info.n_vocab, cfg.api_key, cluster))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
         host, port = sock.getsockname()[:2]
         url_host = f"[{host}]" if ":" in host else host
         names = ", ".join(catalog.names())
         on_ready(f"edge-mote serve: http://{url_host}:{port}/v1  models: {names}  ({cfg.parallel} slots x "
                  f"{cfg.n_ctx} tokens)")
-        server.run(sockets=[sock])
+        terminated = _run(server, sock)
     finally:
         if sched is not None:
             sched.close()
         model.close()
         if sock is not None:
             sock.close()
+    if terminated:
+        signal.raise_signal(signal.SIGTERM)  # die of SIGTERM as uvicorn would have, now that all is closed
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _run(server, sock) -> bool:
+    """``server.run``; True when it ended for SIGTERM. uvicorn shuts down gracefully, then raises the signal again
+    with the previous handler, which by default would end the process before the caller's cleanup (stopping the
+    scheduler and, with --rpc, the cluster child cleanly): here that handler returns control to the caller."""
+    if threading.current_thread() is not threading.main_thread():
+        server.run(sockets=[sock])
+        return False
+
+    def on_term(sig, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        server.run(sockets=[sock])
+        return False
+    except _Terminated:
+        return True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,0 +1,366 @@
+"""``edge-mote serve --rpc``: the served model lives in an isolated child behind the cluster watchdog, so a worker that
+dies, freezes or vanishes fails the affected requests and never the server.
+
+``ClusterModel`` stands in for a ``Model`` in the scheduler (``runtime.scheduler``):
+
+- the weights, the batched context and every ``llama_decode`` are in a ``cluster.Runner`` child (model loaded over
+  the workers, relay watchdog in between); one decode step is one call to the child (decode + the logits rows +
+  the routing capture come back together);
+- tokenization, detokenization and the end-of-generation test run here on a vocabulary-only load of the same GGUF
+  (no weights, no workers), so they keep working while the cluster is down.
+
+A worker fault during a call (``WorkerLost``, or the child dying) raises ``ClusterFault`` (HTTP 502, naming the
+worker) for the requests in flight and turns the model *degraded*: calls raise ``ClusterUnavailable`` (HTTP 503 with
+``retry_after``) until a supervisor thread, which says hello to every worker with a backoff (0.5 s doubling to
+10 s), finds them all answering again and has loaded the model anew in a fresh child. While healthy and idle, the
+supervisor pings the child every second, so a worker that goes away between requests is noticed before the next
+request (a frozen worker is noticed by the first request that waits ``EDGE_MOTE_RPC_TIMEOUT`` seconds for it).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..errors import EdgeMoteError
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 10.0
+PING_EVERY = 1.0
+
+
+class ClusterFault(EdgeMoteError):
+    """A worker failed while this call ran (HTTP 502): the requests in flight are lost; ``endpoint`` names it."""
+
+    http_status = 502
+    code = "worker_lost"
+
+    def __init__(self, message: str, endpoint: str | None = None):
+        super().__init__(message)
+        self.endpoint = endpoint
+
+
+class ClusterUnavailable(EdgeMoteError):
+    """The cluster is degraded (HTTP 503): a worker is gone and the model waits to be loaded again."""
+
+    http_status = 503
+    code = "unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+# -- the child side (module-level: the Runner pickles them by name) ---------------------------------------------
+class _Session:
+    def __init__(self, model, pc):
+        self.model, self.pc = model, pc
+        self.capture = False
+
+    def close(self) -> None:
+        self.pc.close()
+        self.model.close()
+
+
+def _open(path: str, profile: str | None, n_seq: int, n_ctx_seq: int, **load_kwargs) -> _Session:
+    from ..runtime.model import load
+
+    model = load(path, **load_kwargs)
+    try:
+        if profile is not None:
+            model.use_profile(profile)
+        pc = model.open_batch(n_seq=n_seq, n_ctx_seq=n_ctx_seq)
+    except BaseException:
+        model.close()
+        raise
+    return _Session(model, pc)
+
+
+def _describe(s: _Session):
+    m = s.model
+    return m.info, m.profiles, m.steering, s.pc.n_batch
+
+
+def _step(s: _Session, entries, n_logits: int, capture: bool):
+    if capture != s.capture:
+        s.pc.set_capture(capture)
+        s.capture = capture
+    s.pc.decode(entries)
+    logits = np.array(s.pc.logits(n_logits)) if n_logits else None
+    return logits, (s.pc.capture() if capture else None)
+
+
+def _set_steering(s: _Session, seq: int, steering) -> None:
+    s.pc.set_sequence_steering(seq, steering)
+
+
+def _clear(s: _Session, seq: int) -> None:
+    s.pc.clear_sequence(seq)
+
+
+def _ping(s: _Session) -> bool:
+    return True
+
+
+# -- this side --------------------------------------------------------------------------------------------------
+class RemoteBatch:
+    """The scheduler's batched context, in the child. A sequence set up before a reload is refused afterwards."""
+
+    def __init__(self, cm: "ClusterModel", n_seq: int, n_ctx_seq: int):
+        self.cm, self.n_seq, self.n_ctx_seq = cm, n_seq, n_ctx_seq
+        self.n_batch = cm.n_batch
+        self._capture = False
+        self._rows = None
+        self._cap = None
+        self._gen: dict[int, int] = {}     # sequence -> the session it was set up in
+
+    def set_capture(self, enable: bool) -> None:
+        self._capture = bool(enable)      # sent with the next decode
+
+    def set_sequence_steering(self, seq: int, steering) -> None:
+        self._gen[seq] = self.cm.call(_set_steering, seq, steering, with_generation=True)[0]
+
+    def clear_sequence(self, seq: int) -> None:
+        gen = self._gen.pop(seq, None)
+        if gen is not None and gen == self.cm.generation and self.cm.healthy:
+            try:
+                self.cm.call(_clear, seq)
+            except (ClusterFault, ClusterUnavailable):
+                pass  # the session is gone, and its sequences with it
+
+    def decode(self, entries) -> None:
+        gen = self.cm.generation
+        stale = {e[2] for e in entries if self._gen.get(e[2]) != gen}
+        if stale:
+            raise ClusterFault("the request's sequence was lost with the cluster session it ran in; send it again")
+        n = sum(1 for e in entries if e[3])
+        self._rows, self._cap = None, None
+        self._rows, self._cap = self.cm.call(_step, list(entries), n, self._capture)
+
+    def logits(self, n: int) -> np.ndarray:
+        return self._rows[:n]
+
+    def capture(self):
+        return self._cap
+
+    def close(self) -> None:
+        pass
+
+
+class ClusterModel:
+    """The served model over RPC workers, isolated (see the module docstring). Raises the ``Runner``'s one-line
+    ``UserError`` at start (bad endpoint, not a worker, model does not load)."""
+
+    def __init__(self, path: str, endpoints: Sequence[str], *, n_seq: int, n_ctx_seq: int, profile: str | None = None,
+                 load_kwargs: dict | None = None, stall_timeout: float | None = None,
+                 warn: Callable[[str], None] = print):
+        from ..runtime.model import load
+
+        self.endpoints = list(endpoints)
+        self._path, self._profile = str(path), profile
+        self._n_seq, self._n_ctx_seq = int(n_seq), int(n_ctx_seq)
+        self._load_kwargs = dict(load_kwargs or {})
+        self._stall_timeout = stall_timeout
+        self._warn = warn
+        self._mu = threading.Lock()
+        self._closed = threading.Event()
+        self.vocab = load(self._path, vocab_only=True, n_ctx=64, n_threads=1)
+        self._runner = None
+        self.generation = 0
+        self.state = "loading"
+        self.error: str | None = None
+        self.since: float | None = None
+        self.reloads = 0
+        self.lost = 0
+        self._backoff = BACKOFF_FIRST
+        self._next_try = 0.0
+        self._last_call = time.monotonic()
+        self._load_seconds = 0.0
+        try:
+            runner = self._start_runner()
+            self.info, self._profiles, self._steering, self.n_batch = runner.call(_describe)
+        except BaseException:
+            self.vocab.close()
+            raise
+        with self._mu:
+            self._runner, self.generation, self.state = runner, 1, "ok"
+        self._thread = threading.Thread(target=self._supervise, name="edge-mote-cluster", daemon=True)
+        self._thread.start()
+
+    # -- what the server and the scheduler use of a Model ---------------------------------------------------------
+    @property
+    def profiles(self) -> dict:
+        return dict(self._profiles)
+
+    @property
+    def steering(self):
+        return self._steering
+
+    @property
+    def metadata(self) -> dict:
+        return self.vocab.metadata
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.vocab.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens) -> str:
+        return self.vocab.detokenize(tokens)
+
+    def token_eog(self, token: int) -> bool:
+        return self.vocab.token_eog(token)
+
+    def token_bos(self) -> int:
+        return self.vocab.token_bos()
+
+    def token_eos(self) -> int:
+        return self.vocab.token_eos()
+
+    def token_text(self, token: int) -> str:
+        return self.vocab.token_text(token)
+
+    def open_batch(self, n_seq: int, n_ctx_seq: int) -> RemoteBatch:
+        if (n_seq, n_ctx_seq) != (self._n_seq, self._n_ctx_seq):
+            raise EdgeMoteError(f"the cluster session holds {self._n_seq} x {self._n_ctx_seq} tokens, not "
+                                f"{n_seq} x {n_ctx_seq}")
+        return RemoteBatch(self, n_seq, n_ctx_seq)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ok"
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait before trying again (the next hello, or the time a load takes)."""
+        now = time.monotonic()
+        if self.state == "reloading":
+            return max(1, math.ceil(self._load_seconds or 5.0))
+        return max(1, math.ceil(max(self._next_try - now, 0.0) + self._load_seconds))
+
+    def unavailable(self) -> ClusterUnavailable | None:
+        """None while serving, else the error to answer new requests with."""
+        with self._mu:
+            if self.state == "ok":
+                return None
+            what = "is being loaded again" if self.state == "reloading" else "waits for it to answer again"
+            return ClusterUnavailable(f"the model is unavailable: {self.error} (the server {what})",
+                                      self.retry_after())
+
+    def status(self) -> dict:
+        """For /health."""
+        with self._mu:
+            out = {"state": self.state, "workers": list(self.endpoints), "reloads": self.reloads,
+                   "faults": self.lost}
+            if self.state != "ok":
+                out.update(error=self.error, since=self.since, retry_after=self.retry_after())
+            return out
+
+    # -- calls into the child -------------------------------------------------------------------------------------
+    def call(self, fn, *args, with_generation: bool = False):
+        """``fn(session, *args)`` in the child; ``ClusterUnavailable`` while degraded, ``ClusterFault`` when a
+        worker (or the child) fails during the call. With ``with_generation``: ``(generation, result)``."""
+        from ..cluster import WorkerLost
+
+        with self._mu:
+            runner, gen = self._runner, self.generation
+            if self.state != "ok" or runner is None:
+                raise ClusterUnavailable(f"the model is unavailable: {self.error}", self.retry_after())
+        self._last_call = time.monotonic()
+        try:
+            out = runner.call(fn, *args)
+        except WorkerLost as e:
+            self._fault(runner, str(e))
+            raise ClusterFault(str(e), e.endpoint) from None
+        except EdgeMoteError as e:
+            if runner.alive:
+                raise  # an ordinary error in the child (e.g. a steering it refuses): the session lives on
+            self._fault(runner, str(e))
+            raise ClusterFault(str(e)) from None
+        finally:
+            self._last_call = time.monotonic()
+        return (gen, out) if with_generation else out
+
+    def _fault(self, runner, message: str) -> None:
+        with self._mu:
+            if self._runner is not runner:
+                return
+            self._runner = None
+            self.state, self.error, self.since = "degraded", message, time.time()
+            self.lost += 1
+            self._backoff = BACKOFF_FIRST
+            self._next_try = time.monotonic() + self._backoff
+        runner.close()
+        self._warn(f"edge-mote serve: {message}; answering 503 until every worker answers again "
+                   f"({', '.join(self.endpoints)})")
+
+    def _start_runner(self):
+        from ..cluster import Runner
+
+        t0 = time.monotonic()
+        runner = Runner(self.endpoints, _open, (self._path, self._profile, self._n_seq, self._n_ctx_seq),
+                        self._load_kwargs, stall_timeout=self._stall_timeout)
+        self._load_seconds = time.monotonic() - t0
+        return runner
+
+    # -- the supervisor thread ------------------------------------------------------------------------------------
+    def _supervise(self) -> None:
+        while not self._closed.wait(0.25):
+            try:
+                if self.state == "ok":
+                    if time.monotonic() - self._last_call >= PING_EVERY:
+                        try:
+                            self.call(_ping)
+                        except (ClusterFault, ClusterUnavailable):
+                            pass
+                elif time.monotonic() >= self._next_try:
+                    self._reconnect()
+            except Exception as e:  # pragma: no cover - never let the supervisor die
+                self._warn(f"edge-mote serve: cluster supervisor: {type(e).__name__}: {e}")
+
+    def _reconnect(self) -> None:
+        from ..cluster import health
+
+        problems = [err for _, _, err in health(self.endpoints, timeout=2.0) if err]
+        if not problems:
+            with self._mu:
+                self.state = "reloading"
+            try:
+                runner = self._start_runner()
+                info = runner.call(_describe)[0]
+                if (info.n_vocab, info.moe_layers) != (self.info.n_vocab, self.info.moe_layers):
+                    runner.close()
+                    raise EdgeMoteError(f"{self._path} changed on disk; restart the server")
+            except EdgeMoteError as e:
+                problems = [str(e)]
+            else:
+                if self._closed.is_set():
+                    runner.close()
+                    return
+                with self._mu:
+                    self._runner = runner
+                    self.generation += 1
+                    self.reloads += 1
+                    self.state, self.error, self.since = "ok", None, None
+                self._last_call = time.monotonic()
+                self._warn(f"edge-mote serve: every RPC worker answers again; the model was loaded anew in "
+                           f"{self._load_seconds:.1f} s, serving")
+                return
+        with self._mu:
+            self.state = "degraded"
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX)
+            self._next_try = time.monotonic() + self._backoff
+            self.error = problems[0]
+
+    def close(self) -> None:
+        self._closed.set()
+        if getattr(self, "_thread", None) is not None and self._thread.is_alive():
+            self._thread.join(60)
+        with self._mu:
+            runner, self._runner = self._runner, None
+            self.state = "closed"
+        if runner is not None:
+            runner.close()
+        self.vocab.close()
