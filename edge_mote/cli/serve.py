@@ -25,12 +25,29 @@ from .options import model_argument
 @click.option("--threads", "n_threads", type=click.IntRange(1), default=None, help="CPU threads (default: llama.cpp's).")
 @click.option("--gpu-layers", "n_gpu_layers", type=int, default=None,
               help="Layers to offload to GPU/RPC devices (-1: all; default 0, or all with --rpc).")
-@click.option("--rpc", default=None, metavar="HOST:PORT,...", help="RPC workers to place layers on.")
-def serve(model, host, port, parallel, n_ctx, profile, api_key, name, n_threads, n_gpu_layers, rpc):
+@click.option("--rpc", default=None, metavar="HOST:PORT,...",
+              help="RPC workers to place layers on. The model then runs in a child process: a worker that fails "
+                   "mid-generation fails the requests in flight (502), not the server, which answers 503 until the "
+                   "model is loaded again (when the worker is back, or per --rpc-fallback).")
+@click.option("--rpc-fallback", default="10", metavar="SECONDS|off", show_default=True,
+              help="With --rpc: after a worker is lost this long, serve on the workers that still answer (this "
+                   "machine alone if none does) when the model fits their free memory, until it is back; "
+                   "off: always wait for every worker.")
+def serve(model, host, port, parallel, n_ctx, profile, api_key, name, n_threads, n_gpu_layers, rpc, rpc_fallback):
+    from ..errors import UserError
     from ..serve import ServeConfig, serve as run_server
 
     servers = [s.strip() for s in (rpc or "").split(",") if s.strip()]
+    if rpc_fallback.strip().lower() in ("off", "never", "none"):
+        fallback = None
+    else:
+        try:
+            fallback = float(rpc_fallback)
+        except ValueError:
+            fallback = -1.0
+        if not fallback >= 0:
+            raise UserError(f"--rpc-fallback must be a number of seconds >= 0 or 'off', got '{rpc_fallback}'")
     cfg = ServeConfig(model=model, host=host, port=port, parallel=parallel, n_ctx=n_ctx, profile=profile,
                       rpc_servers=servers or None, n_threads=n_threads, n_gpu_layers=n_gpu_layers, api_key=api_key,
-                      name=name)
+                      name=name, rpc_fallback=fallback)
     run_server(cfg, on_ready=lambda line: click.echo(line))

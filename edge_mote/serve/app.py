@@ -222,7 +222,7 @@ def build_app(state: ServerState) -> Starlette:
         if state.cluster is None:
             return JSONResponse(body)
         body["cluster"] = cluster = state.cluster.status()
-        if cluster["state"] == "ok":
+        if cluster["state"] in ("ok", "partial"):  # partial: serving without a worker that is gone
             return JSONResponse(body)
         body["status"] = "degraded"
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(cluster["retry_after"])})

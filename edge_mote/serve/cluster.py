@@ -12,9 +12,12 @@ dies, freezes or vanishes fails the affected requests and never the server.
 A worker fault during a call (``WorkerLost``, or the child dying) raises ``ClusterFault`` (HTTP 502, naming the
 worker) for the requests in flight and turns the model *degraded*: calls raise ``ClusterUnavailable`` (HTTP 503 with
 ``retry_after``) until a supervisor thread, which says hello to every worker with a backoff (0.5 s doubling to
-10 s), finds them all answering again and has loaded the model anew in a fresh child. While healthy and idle, the
-supervisor pings the child every second, so a worker that goes away between requests is noticed before the next
-request (a frozen worker is noticed by the first request that waits ``EDGE_MOTE_RPC_TIMEOUT`` seconds for it).
+10 s), finds them all answering again and has loaded the model anew in a fresh child. With ``fallback_after``
+seconds, it also loads the model on the workers that still answer (on this machine alone if none does) when their
+free memory holds it, serves there ("partial"), and goes back to every worker once the missing ones answer and no
+request runs. While serving and idle, the supervisor pings the child every second, so a worker that goes away
+between requests is noticed before the next request (a frozen worker is noticed by the first request that waits
+``EDGE_MOTE_RPC_TIMEOUT`` seconds for it).
 """
 
 from __future__ import annotations
@@ -153,14 +156,20 @@ class RemoteBatch:
 
 class ClusterModel:
     """The served model over RPC workers, isolated (see the module docstring). Raises the ``Runner``'s one-line
-    ``UserError`` at start (bad endpoint, not a worker, model does not load)."""
+    ``UserError`` at start (bad endpoint, not a worker, model does not load).
+
+    ``fallback_after``: seconds after a fault from which the model may be loaded on the workers that still answer
+    (or on this machine alone, when none does), if it fits their free memory; None: never, wait for every worker.
+    """
 
     def __init__(self, path: str, endpoints: Sequence[str], *, n_seq: int, n_ctx_seq: int, profile: str | None = None,
                  load_kwargs: dict | None = None, stall_timeout: float | None = None,
-                 warn: Callable[[str], None] = print):
+                 fallback_after: float | None = None, warn: Callable[[str], None] = print):
         from ..runtime.model import load
 
         self.endpoints = list(endpoints)
+        self.in_use = list(endpoints)
+        self.fallback_after = fallback_after
         self._path, self._profile = str(path), profile
         self._n_seq, self._n_ctx_seq = int(n_seq), int(n_ctx_seq)
         self._load_kwargs = dict(load_kwargs or {})
@@ -168,6 +177,7 @@ class ClusterModel:
         self._warn = warn
         self._mu = threading.Lock()
         self._closed = threading.Event()
+        self._batch: RemoteBatch | None = None
         self.vocab = load(self._path, vocab_only=True, n_ctx=64, n_threads=1)
         self._runner = None
         self.generation = 0
@@ -178,10 +188,11 @@ class ClusterModel:
         self.lost = 0
         self._backoff = BACKOFF_FIRST
         self._next_try = 0.0
+        self._fault_at = 0.0
         self._last_call = time.monotonic()
         self._load_seconds = 0.0
         try:
-            runner = self._start_runner()
+            runner = self._start_runner(self.endpoints)
             self.info, self._profiles, self._steering, self.n_batch = runner.call(_describe)
         except BaseException:
             self.vocab.close()
@@ -226,12 +237,18 @@ class ClusterModel:
         if (n_seq, n_ctx_seq) != (self._n_seq, self._n_ctx_seq):
             raise EdgeMoteError(f"the cluster session holds {self._n_seq} x {self._n_ctx_seq} tokens, not "
                                 f"{n_seq} x {n_ctx_seq}")
-        return RemoteBatch(self, n_seq, n_ctx_seq)
+        self._batch = RemoteBatch(self, n_seq, n_ctx_seq)
+        return self._batch
 
     # -- state ----------------------------------------------------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        return self.state == "ok"
+        """Serving: on every worker ("ok") or on those that remain ("partial")."""
+        return self.state in ("ok", "partial")
+
+    @property
+    def missing(self) -> list[str]:
+        return [ep for ep in self.endpoints if ep not in self.in_use]
 
     def retry_after(self) -> int:
         """Seconds a client should wait before trying again (the next hello, or the time a load takes)."""
@@ -243,7 +260,7 @@ class ClusterModel:
     def unavailable(self) -> ClusterUnavailable | None:
         """None while serving, else the error to answer new requests with."""
         with self._mu:
-            if self.state == "ok":
+            if self.healthy:
                 return None
             what = "is being loaded again" if self.state == "reloading" else "waits for it to answer again"
             return ClusterUnavailable(f"the model is unavailable: {self.error} (the server {what})",
@@ -252,8 +269,8 @@ class ClusterModel:
     def status(self) -> dict:
         """For /health."""
         with self._mu:
-            out = {"state": self.state, "workers": list(self.endpoints), "reloads": self.reloads,
-                   "faults": self.lost}
+            out = {"state": self.state, "workers": list(self.endpoints), "in_use": list(self.in_use),
+                   "reloads": self.reloads, "faults": self.lost}
             if self.state != "ok":
                 out.update(error=self.error, since=self.since, retry_after=self.retry_after())
             return out
@@ -266,7 +283,7 @@ class ClusterModel:
 
         with self._mu:
             runner, gen = self._runner, self.generation
-            if self.state != "ok" or runner is None:
+            if not self.healthy or runner is None:
                 raise ClusterUnavailable(f"the model is unavailable: {self.error}", self.retry_after())
         self._last_call = time.monotonic()
         try:
@@ -290,69 +307,145 @@ class ClusterModel:
             self._runner = None
             self.state, self.error, self.since = "degraded", message, time.time()
             self.lost += 1
+            self._fault_at = time.monotonic()
             self._backoff = BACKOFF_FIRST
             self._next_try = time.monotonic() + self._backoff
         runner.close()
-        self._warn(f"edge-mote serve: {message}; answering 503 until every worker answers again "
-                   f"({', '.join(self.endpoints)})")
+        self._warn(f"edge-mote serve: {message}; answering 503 until the model is loaded again")
 
-    def _start_runner(self):
+    def _start_runner(self, endpoints: list[str]):
         from ..cluster import Runner
 
         t0 = time.monotonic()
-        runner = Runner(self.endpoints, _open, (self._path, self._profile, self._n_seq, self._n_ctx_seq),
+        runner = Runner(endpoints, _open, (self._path, self._profile, self._n_seq, self._n_ctx_seq),
                         self._load_kwargs, stall_timeout=self._stall_timeout)
         self._load_seconds = time.monotonic() - t0
         return runner
+
+    def _active(self) -> int:
+        """Sequences of the current session in use."""
+        b = self._batch
+        return 0 if b is None else sum(1 for g in list(b._gen.values()) if g == self.generation)
 
     # -- the supervisor thread ------------------------------------------------------------------------------------
     def _supervise(self) -> None:
         while not self._closed.wait(0.25):
             try:
-                if self.state == "ok":
-                    if time.monotonic() - self._last_call >= PING_EVERY:
+                now = time.monotonic()
+                if self.healthy:
+                    if now - self._last_call >= PING_EVERY:
                         try:
                             self.call(_ping)
                         except (ClusterFault, ClusterUnavailable):
-                            pass
-                elif time.monotonic() >= self._next_try:
+                            continue
+                    if self.state == "partial" and now >= self._next_try:
+                        self._rejoin()
+                elif self.state == "degraded" and now >= self._next_try:
                     self._reconnect()
             except Exception as e:  # pragma: no cover - never let the supervisor die
                 self._warn(f"edge-mote serve: cluster supervisor: {type(e).__name__}: {e}")
 
-    def _reconnect(self) -> None:
-        from ..cluster import health
-
-        problems = [err for _, _, err in health(self.endpoints, timeout=2.0) if err]
-        if not problems:
-            with self._mu:
-                self.state = "reloading"
-            try:
-                runner = self._start_runner()
-                info = runner.call(_describe)[0]
-                if (info.n_vocab, info.moe_layers) != (self.info.n_vocab, self.info.moe_layers):
-                    runner.close()
-                    raise EdgeMoteError(f"{self._path} changed on disk; restart the server")
-            except EdgeMoteError as e:
-                problems = [str(e)]
-            else:
-                if self._closed.is_set():
-                    runner.close()
-                    return
-                with self._mu:
-                    self._runner = runner
-                    self.generation += 1
-                    self.reloads += 1
-                    self.state, self.error, self.since = "ok", None, None
-                self._last_call = time.monotonic()
-                self._warn(f"edge-mote serve: every RPC worker answers again; the model was loaded anew in "
-                           f"{self._load_seconds:.1f} s, serving")
-                return
+    def _later(self, problem: str | None = None) -> None:
         with self._mu:
-            self.state = "degraded"
+            if problem is not None:
+                self.error = problem
             self._backoff = min(self._backoff * 2, BACKOFF_MAX)
             self._next_try = time.monotonic() + self._backoff
-            self.error = problems[0]
+
+    def _reconnect(self) -> None:
+        """Degraded: every worker answers -> load on all; else, after ``fallback_after``, on those that answer if the
+        model fits them (none: this machine)."""
+        from ..cluster import health
+
+        results = health(self.endpoints, timeout=2.0)
+        problems = [err for _, _, err in results if err]
+        if not problems:
+            problem = self._load(self.endpoints)
+            if problem is None:
+                return
+        else:
+            problem = problems[0]
+            if self.fallback_after is not None and time.monotonic() - self._fault_at >= self.fallback_after:
+                good = [(ep, info) for ep, (_, info, err) in zip(self.endpoints, results) if not err]
+                why_not = self._fits([info for _, info in good])
+                if why_not is None:
+                    if self._load([ep for ep, _ in good], problem) is None:
+                        return
+                else:
+                    problem = f"{problem}; {why_not}"
+        with self._mu:
+            self.state = "degraded"
+        self._later(problem)
+
+    def _fits(self, infos) -> str | None:
+        """None when the model should fit the free memory of these workers (none: this machine), else why not."""
+        from ..cluster.plan import _local_free
+
+        need = int(self.info.file_bytes * 1.1)
+        if infos:
+            have, where = sum(i.free for i in infos), "the workers that answer offer"
+        else:
+            have, where = int(_local_free() * 0.8), "without workers, this machine has"
+        if have >= need:
+            return None
+        return f"{where} {have / 2**30:.1f} GiB, too little for the model ({need / 2**30:.1f} GiB)"
+
+    def _rejoin(self) -> None:
+        """Partial: once every missing worker answers and no request runs, load on all workers again."""
+        from ..cluster import health
+
+        problems = [err for _, _, err in health(self.missing, timeout=2.0) if err]
+        if problems:
+            self._later(problems[0])
+            return
+        with self._mu:
+            if self._active() or self.state != "partial":
+                self._next_try = time.monotonic() + 0.5  # wait for the requests in flight to end
+                return
+            old, self._runner = self._runner, None
+            self.state = "reloading"
+        old.close()
+        problem = self._load(self.endpoints)
+        if problem is not None:  # back to the workers that remain, at once
+            with self._mu:
+                self.state, self.error, self.since = "degraded", problem, time.time()
+                self._fault_at = time.monotonic() - (self.fallback_after or 0.0)
+                self._next_try = time.monotonic()
+
+    def _load(self, endpoints: list[str], why: str | None = None) -> str | None:
+        """A new session over ``endpoints``; None when it serves, else the one-line problem."""
+        with self._mu:
+            self.state = "reloading"
+        try:
+            runner = self._start_runner(endpoints)
+            info = runner.call(_describe)[0]
+            if (info.n_vocab, info.moe_layers) != (self.info.n_vocab, self.info.moe_layers):
+                runner.close()
+                raise EdgeMoteError(f"{self._path} changed on disk; restart the server")
+        except EdgeMoteError as e:
+            return str(e)
+        if self._closed.is_set():
+            runner.close()
+            return None
+        full = len(endpoints) == len(self.endpoints)
+        with self._mu:
+            self._runner = runner
+            self.generation += 1
+            self.reloads += 1
+            self.in_use = list(endpoints)
+            self.state = "ok" if full else "partial"
+            self.error, self.since = (None, None) if full else (why, time.time())
+            self._backoff = BACKOFF_FIRST
+            self._next_try = time.monotonic() + self._backoff
+        self._last_call = time.monotonic()
+        if full:
+            self._warn(f"edge-mote serve: every RPC worker answers again; the model was loaded anew in "
+                       f"{self._load_seconds:.1f} s, serving")
+        else:
+            on = ", ".join(endpoints) if endpoints else "this machine alone"
+            self._warn(f"edge-mote serve: serving on {on} without {', '.join(self.missing)} (the model was loaded "
+                       f"anew in {self._load_seconds:.1f} s); back on every worker once it answers again")
+        return None
 
     def close(self) -> None:
         self._closed.set()

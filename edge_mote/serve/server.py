@@ -45,6 +45,8 @@ class ServeConfig:
     n_gpu_layers: int | None = None
     api_key: str | None = None
     name: str | None = None              # the model name clients use (default: the file's stem)
+    rpc_fallback: float | None = 10.0    # with RPC workers: seconds after a fault before serving on those that
+                                         # remain if the model fits them (None: always wait for every worker)
 
 
 def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> None:
@@ -73,7 +75,8 @@ def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Calla
         # the profile is applied in the child, at every (re)load
         model = cluster = ClusterModel(
             cfg.model, list(cfg.rpc_servers), n_seq=cfg.parallel, n_ctx_seq=cfg.n_ctx, profile=cfg.profile,
-            load_kwargs=dict(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers), warn=warn)
+            load_kwargs=dict(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers),
+            fallback_after=cfg.rpc_fallback, warn=warn)
     else:
         model = load(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers)
     sched = sock = None

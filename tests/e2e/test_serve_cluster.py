@@ -43,14 +43,15 @@ def greedy(server, n=N):
     return r
 
 
-def wait_health(server, state: str, timeout: float = 120.0) -> dict:
+def wait_health(server, state: str, timeout: float = 120.0, in_use: list | None = None) -> dict:
     deadline = time.time() + timeout
     h = None
     while time.time() < deadline:
         r = httpx.get(server.url + "/health", timeout=10)
         h = r.json()
-        if h["cluster"]["state"] == state:
-            assert r.status_code == (200 if state == "ok" else 503)
+        if h["cluster"]["state"] == state and (in_use is None or h["cluster"]["in_use"] == in_use):
+            assert r.status_code == (200 if state in ("ok", "partial") else 503)
+            assert h["status"] == ("degraded" if r.status_code == 503 else "ok")
             return h
         time.sleep(0.2)
     raise AssertionError(f"/health never said {state}: {h}")
@@ -74,7 +75,7 @@ def stop_server(s, tag):
 
 def test_kill9_mid_stream_then_the_worker_comes_back(gguf, workers):
     tag = uuid.uuid4().hex
-    s = start_server(gguf, workers, tag)
+    s = start_server(gguf, workers, tag, "--rpc-fallback", "off")
     try:
         h = s.health()
         assert h["status"] == "ok" and h["cluster"]["state"] == "ok"
@@ -133,7 +134,7 @@ def test_kill9_mid_stream_then_the_worker_comes_back(gguf, workers):
 
 def test_frozen_worker_and_one_lost_while_idle(gguf, workers):
     tag = uuid.uuid4().hex
-    s = start_server(gguf, workers, tag, env={"EDGE_MOTE_RPC_TIMEOUT": "3"})
+    s = start_server(gguf, workers, tag, "--rpc-fallback", "off", env={"EDGE_MOTE_RPC_TIMEOUT": "3"})
     try:
         text = greedy(s).json()["choices"][0]["text"]
         # frozen: the request in flight fails after the stall timeout, with 502 naming the worker
@@ -162,5 +163,30 @@ def test_frozen_worker_and_one_lost_while_idle(gguf, workers):
         wait_health(s, "ok")
         assert greedy(s).json()["choices"][0]["text"] == text
         assert s.proc.poll() is None
+    finally:
+        stop_server(s, tag)
+
+
+def test_fallback_on_the_workers_that_remain_then_back_on_all(gguf, workers):
+    """--rpc-fallback 0: a lost worker is not waited for when the model fits elsewhere (the one that remains, then
+    this machine alone); every worker is used again once they answer. Greedy output never changes."""
+    tag = uuid.uuid4().hex
+    s = start_server(gguf, workers, tag, "--rpc-fallback", "0")
+    try:
+        text = greedy(s).json()["choices"][0]["text"]
+        first, second = workers
+        first.kill9()
+        h = wait_health(s, "partial", 60, in_use=[second.endpoint])
+        assert first.endpoint in h["cluster"]["error"]
+        assert greedy(s).json()["choices"][0]["text"] == text
+        second.kill9()
+        wait_health(s, "partial", 60, in_use=[])  # on this machine alone
+        assert greedy(s).json()["choices"][0]["text"] == text
+        first.start()
+        second.start()
+        h = wait_health(s, "ok", 120, in_use=[w.endpoint for w in workers])
+        assert h["cluster"]["faults"] == 2
+        assert greedy(s).json()["choices"][0]["text"] == text
+        assert any("without" in line for line in s.stderr) and any("answers again" in line for line in s.stderr)
     finally:
         stop_server(s, tag)
