@@ -136,10 +136,12 @@ class RemoteBatch:
                 pass  # the session is gone, and its sequences with it
 
     def decode(self, entries) -> None:
-        gen = self.cm.generation
-        stale = {e[2] for e in entries if self._gen.get(e[2]) != gen}
-        if stale:
-            raise ClusterFault("the request's sequence was lost with the cluster session it ran in; send it again")
+        cm = self.cm
+        gen = cm.generation
+        if not cm.healthy or any(self._gen.get(e[2]) != gen for e in entries):
+            # the session these sequences live in is gone (the supervisor's ping found the fault between steps)
+            raise ClusterFault(cm.error if not cm.healthy and cm.error else
+                               "the request's sequence was lost with the cluster session it ran in; send it again")
         n = sum(1 for e in entries if e[3])
         self._rows, self._cap = None, None
         self._rows, self._cap = self.cm.call(_step, list(entries), n, self._capture)
