@@ -190,3 +190,41 @@ def test_fallback_on_the_workers_that_remain_then_back_on_all(gguf, workers):
         assert any("without" in line for line in s.stderr) and any("answers again" in line for line in s.stderr)
     finally:
         stop_server(s, tag)
+
+
+def test_cluster_model_survives_its_child_dying(gguf, native):
+    """The in-process API under the server: the isolated child killed outright (not a worker) fails the call with
+    ClusterFault, the model is then unavailable, and comes back by itself with the same logits."""
+    import numpy as np
+
+    from edge_mote.serve.cluster import ClusterFault, ClusterModel, ClusterUnavailable, _step
+
+    lines = []
+    cm = ClusterModel(str(gguf), [], n_seq=1, n_ctx_seq=64, load_kwargs={"n_ctx": 64, "n_threads": 1},
+                      warn=lines.append)
+    try:
+        pc = cm.open_batch(n_seq=1, n_ctx_seq=64)
+        toks = cm.tokenize(PROMPT)
+
+        def logits():
+            pc.set_sequence_steering(0, None)
+            pc.decode([(t, i, 0, i == len(toks) - 1) for i, t in enumerate(toks)])
+            row = np.array(pc.logits(1)[0])
+            pc.clear_sequence(0)
+            return row
+
+        ref = logits()
+        os.kill(cm._runner.proc.pid, signal.SIGKILL)
+        with pytest.raises(ClusterFault, match="died"):
+            cm.call(_step, [(toks[0], 0, 0, True)], 1, False)
+        assert not cm.healthy and cm.status()["faults"] == 1
+        with pytest.raises(ClusterUnavailable):
+            pc.set_sequence_steering(0, None)
+        deadline = time.time() + 60
+        while not cm.healthy and time.time() < deadline:
+            time.sleep(0.2)
+        assert cm.status()["state"] == "ok" and cm.reloads == 1
+        assert np.array_equal(logits(), ref)
+        assert any("answers again" in line for line in lines)
+    finally:
+        cm.close()
