@@ -24,11 +24,15 @@ def load_options(f):
     f = click.option("--rpc", "rpc", default=None, metavar="HOST:PORT,...",
                      help="RPC workers (edge-mote worker) to place layers on; inference then runs in a child process "
                           "that a failing worker cannot take down ([IPv6]:PORT and host names work).")(f)
-    f = click.option("--plan", "plan", default=None, metavar="auto|even|PLAN.json", expose_value=False,
-                     callback=_stash_plan,
-                     help="With --rpc: how to split layers over the workers (auto: measure nodes and links, "
-                          "minimise ms/token; default: llama.cpp's split by free memory).")(f)
-    return f
+    return plan_option(f)
+
+
+def plan_option(f):
+    """``--plan auto|even|PLAN.json`` (``run``, ``scan``, ``eval``, ``serve``): read it with ``plan_from_context``."""
+    return click.option("--plan", "plan", default=None, metavar="auto|even|PLAN.json", expose_value=False,
+                        callback=_stash_plan,
+                        help="With --rpc: how to split layers over the workers (auto: measure nodes and links, "
+                             "minimise ms/token; default: llama.cpp's split by free memory).")(f)
 
 
 def _stash_plan(ctx, param, value):
@@ -36,12 +40,17 @@ def _stash_plan(ctx, param, value):
     return value
 
 
+def plan_from_context() -> str | None:
+    """The --plan given to the running command (None without one)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get("edge_mote.plan") if ctx is not None else None
+
+
 def load_kwargs(n_ctx, n_threads, n_gpu_layers, rpc=None) -> dict:
     """Keyword arguments for ``edge_mote.cluster.call`` (``load`` / ``Model`` plus ``plan`` when --plan is given)."""
     servers = [s for s in (rpc or "").split(",") if s.strip()]
     out = {"n_ctx": n_ctx, "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "rpc_servers": servers or None}
-    ctx = click.get_current_context(silent=True)
-    plan = ctx.meta.get("edge_mote.plan") if ctx is not None else None
+    plan = plan_from_context()
     if plan:
         out["plan"] = plan
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import model_argument
+from .options import model_argument, plan_option, plan_from_context
 
 
 @click.command(help="Serve a model over an OpenAI-compatible HTTP API; each request may carry its own steering "
@@ -33,11 +33,15 @@ from .options import model_argument
               help="With --rpc: after a worker is lost this long, serve on the workers that still answer (this "
                    "machine alone if none does) when the model fits their free memory, until it is back; "
                    "off: always wait for every worker.")
+@plan_option
 def serve(model, host, port, parallel, n_ctx, profile, api_key, name, n_threads, n_gpu_layers, rpc, rpc_fallback):
     from ..errors import UserError
     from ..serve import ServeConfig, serve as run_server
 
     servers = [s.strip() for s in (rpc or "").split(",") if s.strip()]
+    plan = plan_from_context()
+    if plan and not servers:
+        raise UserError("--plan needs RPC workers (--rpc HOST:PORT,...)")
     if rpc_fallback.strip().lower() in ("off", "never", "none"):
         fallback = None
     else:
@@ -49,5 +53,5 @@ def serve(model, host, port, parallel, n_ctx, profile, api_key, name, n_threads,
             raise UserError(f"--rpc-fallback must be a number of seconds >= 0 or 'off', got '{rpc_fallback}'")
     cfg = ServeConfig(model=model, host=host, port=port, parallel=parallel, n_ctx=n_ctx, profile=profile,
                       rpc_servers=servers or None, n_threads=n_threads, n_gpu_layers=n_gpu_layers, api_key=api_key,
-                      name=name, rpc_fallback=fallback)
+                      name=name, rpc_fallback=fallback, plan=plan)
     run_server(cfg, on_ready=lambda line: click.echo(line))

@@ -18,13 +18,20 @@ free memory holds it, serves there ("partial"), and goes back to every worker on
 request runs. While serving and idle, the supervisor pings the child every second, so a worker that goes away
 between requests is noticed before the next request (a frozen worker is noticed by the first request that waits
 ``EDGE_MOTE_RPC_TIMEOUT`` seconds for it).
+
+With ``plan`` (``--plan auto|even|PLAN.json``) every load -- the first, after a reconnect, on fewer workers after a
+fallback, back on all -- splits the layers by that plan over the workers it loads on: ``auto`` measures them and
+plans again each time (``cluster.plan``), ``even`` splits evenly, a plan file is used while every worker it names is
+in use and replaced by ``auto`` over the workers that answer otherwise. /health shows the split in use.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -109,6 +116,17 @@ def _ping(s: _Session) -> bool:
     return True
 
 
+def describe_split(split: dict) -> str:
+    """One line for the split a plan chose (``ClusterModel.plan_used``)."""
+    line = (f"--plan {split['kind']}: --tensor-split {','.join(f'{x:g}' for x in split['tensor_split'])} over "
+            f"{', '.join(split['order'])}")
+    if split.get("local_layers"):
+        line += f", {split['local_layers']} first layer(s) on this machine"
+    if split.get("predicted_ms") is not None:
+        line += f" (predicted {split['predicted_ms']:.2f} ms/token)"
+    return line
+
+
 # -- this side --------------------------------------------------------------------------------------------------
 class RemoteBatch:
     """The scheduler's batched context, in the child. A sequence set up before a reload is refused afterwards."""
@@ -166,12 +184,14 @@ class ClusterModel:
 
     def __init__(self, path: str, endpoints: Sequence[str], *, n_seq: int, n_ctx_seq: int, profile: str | None = None,
                  load_kwargs: dict | None = None, stall_timeout: float | None = None,
-                 fallback_after: float | None = None, warn: Callable[[str], None] = print):
+                 fallback_after: float | None = None, plan=None, warn: Callable[[str], None] = print):
         from ..runtime.model import load
 
         self.endpoints = list(endpoints)
         self.in_use = list(endpoints)
         self.fallback_after = fallback_after
+        self._plan = plan if plan not in (None, "none") else None
+        self.plan_used: dict | None = None   # the split of the session in use (with a plan)
         self._path, self._profile = str(path), profile
         self._n_seq, self._n_ctx_seq = int(n_seq), int(n_ctx_seq)
         self._load_kwargs = dict(load_kwargs or {})
@@ -201,6 +221,9 @@ class ClusterModel:
             raise
         with self._mu:
             self._runner, self.generation, self.state = runner, 1, "ok"
+            self.plan_used = runner.plan
+        if runner.plan is not None:
+            self._warn(f"edge-mote serve: {describe_split(runner.plan)}")
         self._thread = threading.Thread(target=self._supervise, name="edge-mote-cluster", daemon=True)
         self._thread.start()
 
@@ -273,6 +296,8 @@ class ClusterModel:
         with self._mu:
             out = {"state": self.state, "workers": list(self.endpoints), "in_use": list(self.in_use),
                    "reloads": self.reloads, "faults": self.lost}
+            if self._plan is not None:
+                out["plan"] = self.plan_used if self.healthy else None
             if self.state != "ok":
                 out.update(error=self.error, since=self.since, retry_after=self.retry_after())
             return out
@@ -319,10 +344,43 @@ class ClusterModel:
         from ..cluster import Runner
 
         t0 = time.monotonic()
+        kwargs = dict(self._load_kwargs)
+        endpoints, split = self._split(list(endpoints), kwargs)
         runner = Runner(endpoints, _open, (self._path, self._profile, self._n_seq, self._n_ctx_seq),
-                        self._load_kwargs, stall_timeout=self._stall_timeout)
+                        kwargs, stall_timeout=self._stall_timeout)
+        runner.plan = split
         self._load_seconds = time.monotonic() - t0
         return runner
+
+    def _split(self, endpoints: list[str], kwargs: dict) -> tuple[list[str], dict | None]:
+        """Apply the plan to a load over ``endpoints`` (planned again over exactly these workers): the workers in
+        llama.cpp's device order and the split, added to ``kwargs``; ``(endpoints, None)`` without a plan."""
+        if self._plan is None or not endpoints:
+            return endpoints, None
+        from ..cluster.isolate import PREFLIGHT_TIMEOUT
+        from ..cluster.plan import Plan, apply_plan, plan_cluster
+        from ..runtime.rpc_protocol import preflight
+
+        infos = [preflight(ep, PREFLIGHT_TIMEOUT) for ep in endpoints]
+        plan = self._plan
+        if plan not in ("auto", "even"):
+            try:
+                named = json.loads(Path(plan).read_text()).get("order", [])
+            except (OSError, ValueError, AttributeError):
+                named = []  # apply_plan says what is wrong with it
+            if named and not set(named) <= {i.endpoint for i in infos}:
+                plan = "auto"  # the file places layers on a worker not in use now: plan over those that are
+        if plan == "auto":
+            plan, _ = plan_cluster(self._path, [i.endpoint for i in infos], n_ctx=self._n_seq * self._n_ctx_seq,
+                                   n_batch=kwargs.get("n_batch") or 512, n_threads=kwargs.get("n_threads"))
+        ordered, extra = apply_plan(plan, (self._path,), kwargs, infos)
+        kwargs.update(extra)
+        desc = {"kind": plan.kind if isinstance(plan, Plan) else ("even" if plan == "even" else "file"),
+                "order": [i.endpoint for i in ordered], "tensor_split": [float(x) for x in extra["tensor_split"]],
+                "n_gpu_layers": int(extra["n_gpu_layers"])}
+        if isinstance(plan, Plan):
+            desc.update(local_layers=plan.local_layers, predicted_ms=round(plan.predicted_ms, 3))
+        return desc["order"], desc
 
     def _active(self) -> int:
         """Sequences of the current session in use."""
@@ -435,11 +493,14 @@ class ClusterModel:
             self.generation += 1
             self.reloads += 1
             self.in_use = list(endpoints)
+            self.plan_used = runner.plan
             self.state = "ok" if full else "partial"
             self.error, self.since = (None, None) if full else (why, time.time())
             self._backoff = BACKOFF_FIRST
             self._next_try = time.monotonic() + self._backoff
         self._last_call = time.monotonic()
+        if runner.plan is not None:
+            self._warn(f"edge-mote serve: {describe_split(runner.plan)}")
         if full:
             self._warn(f"edge-mote serve: every RPC worker answers again; the model was loaded anew in "
                        f"{self._load_seconds:.1f} s, serving")

@@ -47,6 +47,7 @@ class ServeConfig:
     name: str | None = None              # the model name clients use (default: the file's stem)
     rpc_fallback: float | None = 10.0    # with RPC workers: seconds after a fault before serving on those that
                                          # remain if the model fits them (None: always wait for every worker)
+    plan: str | None = None              # with RPC workers: --plan auto|even|PLAN.json, applied at every (re)load
 
 
 def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> None:
@@ -76,7 +77,7 @@ def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Calla
         model = cluster = ClusterModel(
             cfg.model, list(cfg.rpc_servers), n_seq=cfg.parallel, n_ctx_seq=cfg.n_ctx, profile=cfg.profile,
             load_kwargs=dict(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers),
-            fallback_after=cfg.rpc_fallback, warn=warn)
+            fallback_after=cfg.rpc_fallback, plan=cfg.plan, warn=warn)
     else:
         model = load(cfg.model, n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers)
     sched = sock = None
