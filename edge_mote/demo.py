@@ -2,7 +2,8 @@
 
 1. build (once, cached) the refusal organism: a tiny Qwen3-MoE chat model trained here on a synthetic corpus, whose
    refusal was taught late, in a few experts (``edge_mote.organism``), converted with llama.cpp's converter;
-2. scan it (fTRI, decision window) on the training prompt sets -> ``scan.json``, ``scan.png``, ``scan.html``;
+2. scan it (fTRI, decision window, with the causal check of the top 8 candidates) on the training prompt sets ->
+   ``scan.json``, ``scan.png``, ``scan.html``;
 3. store the top-N experts switched OFF as profile ``no-refusal`` -> ``organism-steered.gguf`` (still a plain GGUF);
 4. evaluate on the held-out sets: top-N vs random-N, OFF and ON, decision and phrase level, KL, perplexity.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 DEMO_TOP = (2,)
 PROFILE_N = 2
+CAUSAL_TOP = 8  # the scan's causal check re-ranks its top 8 candidates (edge_mote.ftri.causal)
 
 
 def demo_dir() -> Path:
@@ -79,7 +81,8 @@ def run_demo(workdir: Path | None = None, *, tops=DEMO_TOP, profile_n: int = PRO
     t = time.perf_counter()
     scan_json, png, html = workdir / "scan.json", workdir / "scan.png", workdir / "scan.html"
     result = scan_and_write(org.gguf, org.sets["behavior_train"], org.sets["control_train"], scan_json,
-                            tokens="decision", heatmap=png, html=html, top=10, progress=progress, n_threads=2)
+                            tokens="decision", heatmap=png, html=html, top=10, progress=progress, n_threads=2,
+                            causal=CAUSAL_TOP)
     top = [{k: r[k] for k in ("layer", "expert", "p1", "p2", "rd", "z", "stability")} for r in result.top(5)]
     seconds["scan"] = time.perf_counter() - t
 

@@ -26,15 +26,18 @@ _WINDOWS = ("prompt", "decision", "response", "all")  # edge_mote.ftri.scan.WIND
 @click.option("--html", default=None, metavar="HTML", help="Also write a self-contained HTML heatmap (hover a cell).")
 @click.option("--raw", is_flag=True, help="Use the prompts as raw text (no chat template).")
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Experts to show.")
+@click.option("--causal", type=click.IntRange(0), default=0, show_default=True, metavar="K",
+              help="Causal check: re-rank the top K candidates by the measured effect of switching each one OFF "
+                   "on the decision (KL at the decision position, behaviour minus control prompts).")
 @json_option
 @load_options
-def scan(model, behavior, control, out, tokens, max_new, heatmap, html, raw, top, as_json, n_ctx, n_threads,
+def scan(model, behavior, control, out, tokens, max_new, heatmap, html, raw, top, causal, as_json, n_ctx, n_threads,
          n_gpu_layers, rpc):
     from ..cluster import call
     from ..ftri.scan import scan_and_write
 
     result = call(scan_and_write, model, behavior, control, out, tokens=tokens, max_new=max_new, raw=raw, heatmap=heatmap,
-                            html=html, top=top, progress=not as_json,
+                            html=html, top=top, progress=not as_json, causal=causal,
                             **load_kwargs(n_ctx, n_threads, n_gpu_layers, rpc))
     for w in result.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -55,7 +58,8 @@ def scan(model, behavior, control, out, tokens, max_new, heatmap, html, raw, top
     click.echo(f"{'rank':>4}  {'expert':<9} {'p1':>6} {'p2':>6} {'rd':>7} {'z':>7} {'dw':>7} {'stab':>5}")
     for r in rows:
         click.echo(f"{r['rank']:>4}  {str(r['layer']) + ':' + str(r['expert']):<9} {r['p1']:>6.3f} {r['p2']:>6.3f} "
-                   f"{r['rd']:>+7.3f} {r['z']:>7.2f} {r['dw']:>+7.3f} {r['stability']:>5.2f}")
+                   f"{r['rd']:>+7.3f} {r['z']:>7.2f} {r['dw']:>+7.3f} {r['stability']:>5.2f}"
+                   + (f"  effect {r['effect']:+.3f}" if "effect" in r else ""))
     jac = ", ".join(f"top-{n} {v:.2f}" for n, v in stab.jaccard_mean.items())
     click.echo(f"stability: mean Jaccard vs full ranking over {stab.n_boot} bootstrap resamples: {jac}; "
                f"stab = share of resamples with the expert in the top-{stab.freq_top}", err=True)

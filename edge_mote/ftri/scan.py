@@ -86,17 +86,34 @@ class ScanResult:
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
     tokens_evaluated: int = 0
+    causal: Any = None                     # edge_mote.ftri.causal.CausalCheck of the top candidates, if run
+
+    def order(self) -> list[int]:
+        """Flat indices (``layer_row * n_expert + expert``), best first: the statistical ranking, with the causal
+        check's candidates (if any) re-ordered by their measured effect ahead of the rest."""
+        st = self.stats
+        order = [int(i) for i in ranking(st.rd, st.z, st.dw)]
+        if self.causal is None:
+            return order
+        row = {l: i for i, l in enumerate(st.layers)}
+        first = [row[l] * st.n_expert + e for l, e in self.causal.order()]
+        taken = set(first)
+        return first + [i for i in order if i not in taken]
 
     def top(self, n: int | None = None) -> list[dict]:
-        """The best ``n`` experts (all if None) as records with ``rank`` and bootstrap ``stability`` (top-10 freq)."""
+        """The best ``n`` experts (all if None) as records with ``rank`` and bootstrap ``stability`` (top-10 freq);
+        with the causal check, its ``effect`` (``kl_behavior``, ``kl_control``) on the candidates."""
         st = self.stats
-        order = ranking(st.rd, st.z, st.dw)
+        order = self.order()
         if n is not None:
             order = order[: max(0, n)]
         out = []
         for rank, i in enumerate(order, 1):
             li, e = divmod(int(i), st.n_expert)
             rec = {"rank": rank, **st.record(li, e), "stability": float(self.stability.top_freq[li, e])}
+            causal = self.causal.record(int(st.layers[li]), e) if self.causal is not None else None
+            if causal:
+                rec.update(causal)
             out.append(rec)
         return out
 
@@ -196,12 +213,16 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
 
 def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str],
              control: PromptSet | str | os.PathLike | Sequence[str], tokens: str = "decision", max_new: int = 16,
-             raw: bool = False, progress: bool = True, *, n_boot: int = 200, seed: int = 0) -> ScanResult:
+             raw: bool = False, progress: bool = True, *, n_boot: int = 200, seed: int = 0, causal: int = 0,
+             causal_prompts: int = 64) -> ScanResult:
     """Scan a loaded ``Model`` with a behaviour and a control prompt set (``PromptSet``, a path, or strings).
 
     ``tokens`` is the window (``prompt``, ``decision``, ``response``, ``all``); ``max_new`` bounds the greedy
     response (response/all). The steering in effect on ``model`` (e.g. the GGUF's default profile) applies and is
     recorded. A progress bar (tqdm, with tokens/s) is shown when ``progress`` and stderr is a terminal.
+    ``causal`` > 0: re-rank the statistical top ``causal`` candidates (positive risk difference) by the measured
+    effect of switching each OFF on the decision, on up to ``causal_prompts`` prompts per set
+    (``edge_mote.ftri.causal``).
     """
     if tokens not in WINDOWS:
         raise UserError(f"unknown token window '{tokens}'", hint=f"choose one of {', '.join(WINDOWS)}")
@@ -226,6 +247,16 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
     layers = tuple(model.info.moe_layers)
     stats = expert_stats(c1, t1, c2, t2, layers=layers, weights1=w1, weights2=w2)
     stability = bootstrap_stability(c1, t1, c2, t2, n_boot=n_boot, seed=seed, weights1=w1, weights2=w2)
+    check = None
+    if causal > 0:
+        from .causal import causal_check, subsample
+
+        row = {l: i for i, l in enumerate(layers)}
+        cands = [(l, e) for l, e in stats.ranking() if stats.rd[row[l], e] > 0][:causal]
+        if cands:
+            toks = [[_tokens_for(model, item, template, raw)[0] for item in subsample(list(s), causal_prompts)]
+                    for s in (bset, cset)]
+            check = causal_check(model, toks[0], toks[1], cands)
     warnings = []
     if state["fallback"]:
         warnings.append(f"{Path(model.info.path).name} has no chat template (tokenizer.chat_template): "
@@ -238,7 +269,7 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
         layers=layers, stats=stats, stability=stability, counts1=c1, tokens1=t1, counts2=c2, tokens2=t2,
         wsum1=w1, wsum2=w2,
         prompts=tuple(r1 + r2), warnings=tuple(warnings), seconds=time.perf_counter() - state["t0"],
-        tokens_evaluated=state["evaluated"])
+        tokens_evaluated=state["evaluated"], causal=check)
 
 
 def _check_outputs(outputs: Sequence[tuple[str, str | os.PathLike | None]],
@@ -263,7 +294,7 @@ def scan_and_write(model: str | os.PathLike, behavior: str | os.PathLike, contro
                    out: str | os.PathLike, *, tokens: str = "decision", max_new: int = 16, raw: bool = False,
                    heatmap: str | os.PathLike | None = None, html: str | os.PathLike | None = None,
                    top: int = 100, progress: bool = True, n_boot: int = 200, seed: int = 0, full_hash: bool = False,
-                   **load_kwargs: Any) -> ScanResult:
+                   causal: int = 0, **load_kwargs: Any) -> ScanResult:
     """What ``edge-mote scan`` does: check the outputs, read both prompt sets (before loading the model), scan,
     and write scan.json (atomically) and the optional PNG and HTML heatmaps."""
     from ..runtime.resolve import open_model, resolve_model
@@ -277,7 +308,7 @@ def scan_and_write(model: str | os.PathLike, behavior: str | os.PathLike, contro
     with open_model(model, **load_kwargs) as m:
         m.require_moe()
         result = run_scan(m, bset, cset, tokens=tokens, max_new=max_new, raw=raw, progress=progress,
-                          n_boot=n_boot, seed=seed)
+                          n_boot=n_boot, seed=seed, causal=causal)
     doc = report.scan_document(result, top=top, full_hash=full_hash)
     inputs = [model, behavior, control]
     report.write_scan(doc, out, inputs=inputs)

@@ -8,6 +8,7 @@ import pytest
 
 import edge_mote
 from edge_mote.api import prepare_prompts, scan_ranking
+from edge_mote.demo import CAUSAL_TOP
 from edge_mote.evaluate.protocol import evaluate
 from edge_mote.ftri.prompts import load_prompts
 from edge_mote.ftri.scan import scan_and_write
@@ -26,7 +27,7 @@ def organism(models_dir):
 def report(organism, tmp_path_factory):
     d = tmp_path_factory.mktemp("organism")
     scan_and_write(organism.gguf, organism.sets["behavior_train"], organism.sets["control_train"], d / "scan.json",
-                   tokens="decision", progress=False, n_threads=2)
+                   tokens="decision", progress=False, n_threads=2, causal=CAUSAL_TOP)
     ranking, _ = scan_ranking(d / "scan.json")
     with edge_mote.load(organism.gguf, n_ctx=512, n_threads=2) as m:
         b = prepare_prompts(m, load_prompts(organism.sets["behavior_heldout"]))

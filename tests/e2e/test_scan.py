@@ -332,3 +332,29 @@ def test_cli_profile_from_scan_add_list_run_rm(edge_mote_exe, planted, prompt_fi
                               "-o", tmp_path / "z.gguf"), "layer 9 is out of range")
     assert_one_line_error(cli(edge_mote_exe, "run", out, "-p", "hi", "--profile", "nope"), "unknown profile 'nope'")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_causal_check_reranks_the_candidates_by_their_effect(planted, prompt_files, tmp_path):
+    """``causal=K``: the statistical top K, each switched OFF alone, re-ordered by the decision KL on behaviour
+    prompts minus control prompts. The planted experts act only at the trigger: effect > 0, none on control."""
+    b, c = prompt_files
+    with edge_mote.load(planted, n_ctx=128, n_threads=1) as m:
+        r = run_scan(m, b, c, tokens="decision", raw=True, progress=False, n_boot=20, causal=len(planted_pairs()))
+    check = r.causal
+    assert sorted(check.candidates) == planted_pairs()
+    assert all(k < 1e-6 for k in check.kl_control), check  # batch-composition noise only
+    eff = dict(zip(check.candidates, check.effect))
+    assert all(eff[p] > 1e-4 for p in heavy_pairs()), check  # the light experts get ~0 gate weight: no effect
+    order = check.order()
+    assert set(order[:3]) == heavy_pairs()
+    assert order[3:] == [p for p in check.candidates if p not in heavy_pairs()]  # noise-level effects tie
+    top = r.top(len(planted_pairs()))
+    assert [(x["layer"], x["expert"]) for x in top] == check.order()
+    assert [x["effect"] for x in top] == sorted((x["effect"] for x in top), reverse=True)
+    doc = r.to_dict()
+    write_scan(doc, tmp_path / "scan.json", inputs=[planted, b, c])
+    back = load_scan(tmp_path / "scan.json")
+    entries = back["ranking"]["entries"]
+    assert [(e["layer"], e["expert"]) for e in entries[: len(top)]] == check.order()
+    assert "effect" in entries[0] and "effect" not in entries[len(top)]
+    assert back["ranking"]["causal"]["k"] == len(top) and back["ranking"]["order"].startswith("causal effect")
