@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Home-cluster benchmark: decode tok/s locally vs 2 and 3 RPC workers, on loopback and behind an emulated home
 link (network namespaces, ``tc tbf`` 100 Mbit/s both ways, a delay relay adding ~7 ms RTT); a model larger than
-one worker's ``--mem`` cap across workers; the planner's predicted vs measured ms/token; the planner's split vs an
-even split when one worker is slow (its CPU throttled with a cgroup quota).
+one worker's ``--mem`` cap across workers; the planner's predicted vs measured ms/token (nodes measured as
+``cluster plan`` does: compute benchmark, link, and the fixed per-token cost of a short decode through each worker);
+the planner's split vs an even split when one worker is slow (its CPU throttled with a cgroup quota).
 
 Every configuration runs through ``edge_mote.cluster.call`` (the isolated child + watchdog relay users get).
 Timing: greedy decode of --tokens tokens after a short prompt (EOS ignored), --repeats rounds interleaved over
@@ -187,6 +188,10 @@ def main(argv=None) -> int:
             for ep in cfg["rpc"]:
                 if ep not in nodes:
                     nodes[ep] = measure_node(ep, prof.weight_type, n_embd=prof.n_embd)
+                    n = nodes[ep]
+                    print(f"  node {ep}: RTT {n.rtt_s * 1e3:.2f} ms, fixed per-token cost {n.token_s * 1e3:.2f} ms, "
+                          f"{n.bytes_per_s / 1e9:.1f} GB/s, op {n.op_s * 1e6:.1f} µs, "
+                          f"up {8 * n.up_bps / 1e6:.0f} Mbit/s", flush=True)
         raw_local = predict_split(prof, local_node, [], [], prof.n_layer)[0] * 1e3
         times = {name: [] for name in configs}
         loads = {name: [] for name in configs}

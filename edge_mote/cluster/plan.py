@@ -9,11 +9,13 @@ order they are registered, the first layers optionally on the client's own CPU):
 - each node (``NodeProfile``): free memory (RPC GET_DEVICE_MEMORY, capped by ``edge-mote worker --mem``), a
   short compute benchmark run *on the node through the RPC protocol* (a matrix-vector product of the model's
   weight type: bytes/s; and a chain of tiny ops: the fixed cost per graph node), and the link (RTT, bandwidth
-  both ways). The client is measured the same way through a temporary loopback worker;
+  both ways), and the fixed cost per decoded token of using the worker beyond one RTT (``token_s``: a short decode
+  of a tiny model through it minus the same decode here; llama.cpp's per-token work for a remote backend). The
+  client is measured the same way through a temporary loopback worker;
 - time per token = sum over nodes of layers x (touched bytes / node throughput + ops x op cost) + the output
-  layer on the node that holds it + for every remote node on the token path one RTT plus the hidden state each
-  way / link rate + the logits / link rate of the node holding the output layer (the issue's measured model:
-  "compute + one RTT per remote host + returned logits / link rate");
+  layer on the node that holds it + for every remote node on the token path one RTT plus its fixed per-token cost
+  plus the hidden state each way / link rate + the logits / link rate of the node holding the output layer (the
+  issue's measured model: "compute + one RTT per remote host + returned logits / link rate", plus the fixed cost);
 - search: every subset of workers x every choice of the node holding the output layer (it must come last in
   llama.cpp's device order), layers filled fastest-first within each node's memory. Exhaustive up to 8 workers.
 """
@@ -131,6 +133,7 @@ class NodeProfile:
     rtt_s: float = 0.0     # 0 for the local node
     up_bps: float = float("inf")    # client -> node, bytes/s
     down_bps: float = float("inf")  # node -> client
+    token_s: float = 0.0   # fixed cost per decoded token on top of one RTT (0 for the local node)
 
     @property
     def remote(self) -> bool:
@@ -170,9 +173,11 @@ def _timed_recompute(c: P.Conn, sync_tensor: bytes, sync_size: int, reps: int, r
 
 
 def measure_node(endpoint: str, weight_type: int = 0, *, n_embd: int = 4096, matrix_bytes: int = 32 * MIB,
-                 probe_bytes: int = 2 * MIB, name: str | None = None, timeout: float = 30.0) -> NodeProfile:
+                 probe_bytes: int = 2 * MIB, name: str | None = None, timeout: float = 30.0,
+                 token_cost: bool = True) -> NodeProfile:
     """Benchmark one worker through the RPC protocol (it must be idle: a worker serves one client at a time).
-    The matrix has the model's row length (``n_embd``) and weight type."""
+    The matrix has the model's row length (``n_embd``) and weight type. With ``token_cost``, the fixed cost per
+    decoded token of using the worker is measured too (``measure_token_cost``: a short decode through it)."""
     info = P.preflight(endpoint, 5.0)
     host, port = P.parse_endpoint(endpoint)
     block, tsize = _type_geometry(weight_type)
@@ -229,7 +234,101 @@ def measure_node(endpoint: str, weight_type: int = 0, *, n_embd: int = 4096, mat
         raise P.hello_error(info.endpoint, e, timeout) from None
     op_s = t_chain / 32
     bps = w_bytes / max(t_mv - op_s, 1e-7)
-    return NodeProfile(name or info.endpoint, int(info.free), bps, op_s, rtt, up, down)
+    token_s = 0.0
+    if token_cost:
+        # beyond what the model already counts for a remote node: one RTT, the hidden state each way, the logits
+        extra = measure_token_cost(info.endpoint, timeout=max(timeout, 60.0))
+        moved = 4 * PROBE_MODEL["n_embd"] * (1 / up + 1 / down) + 4 * PROBE_MODEL["n_vocab"] / down
+        token_s = max(0.0, extra - rtt - moved)
+    return NodeProfile(name or info.endpoint, int(info.free), bps, op_s, rtt, up, down, token_s)
+
+
+PROBE_MODEL = dict(n_embd=256, n_layer=2, n_ff=512, n_head=4, n_vocab=256)
+
+
+def write_probe_model(path: str | os.PathLike) -> None:
+    """A tiny random dense llama (``PROBE_MODEL``, 6 MB of f32, no tokenizer) for ``measure_token_cost``."""
+    import gguf
+    import numpy as np
+
+    d = PROBE_MODEL
+    e, f, v = d["n_embd"], d["n_ff"], d["n_vocab"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(256)
+    w.add_embedding_length(e)
+    w.add_block_count(d["n_layer"])
+    w.add_feed_forward_length(f)
+    w.add_head_count(d["n_head"])
+    w.add_head_count_kv(d["n_head"])
+    w.add_rope_dimension_count(e // d["n_head"])
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(v)
+    w.add_tokenizer_model("none")
+    rng = np.random.default_rng(0)
+
+    def rand(name, *shape):
+        w.add_tensor(name, (rng.standard_normal(shape) * 0.02).astype(np.float32))
+
+    rand("token_embd.weight", v, e)
+    w.add_tensor("output_norm.weight", np.ones(e, np.float32))
+    rand("output.weight", v, e)
+    for i in range(d["n_layer"]):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(e, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(e, np.float32))
+        for n in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            rand(f"blk.{i}.{n}.weight", e, e)
+        rand(f"blk.{i}.ffn_gate.weight", f, e)
+        rand(f"blk.{i}.ffn_up.weight", f, e)
+        rand(f"blk.{i}.ffn_down.weight", e, f)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _probe_decode(path: str, n_tokens: int, rounds: int, rpc_servers=None, progress: bool = False) -> float:
+    """In the isolated child: median over ``rounds`` of (seconds per token with every layer on the worker - on this
+    machine), both decoded in turn, greedy, one thread."""
+    from ..runtime.model import load
+
+    here = load(path, n_ctx=64, n_batch=64, n_threads=1, n_gpu_layers=0)
+    try:
+        there = load(path, n_ctx=64, n_batch=64, n_threads=1, rpc_servers=rpc_servers, n_gpu_layers=-1)
+    except BaseException:
+        here.close()
+        raise
+    try:
+        diffs = []
+        for m in (here, there):
+            m.greedy([1, 2, 3], 4, stop_at_eos=False)  # warm up: graph allocation, first round trips
+        for _ in range(rounds):
+            t = []
+            for m in (here, there):
+                t0 = time.perf_counter()
+                m.greedy([1, 2, 3], n_tokens, stop_at_eos=False)
+                t.append((time.perf_counter() - t0) / n_tokens)
+            diffs.append(t[1] - t[0])
+        return statistics.median(diffs)
+    finally:
+        there.close()
+        here.close()
+
+
+def measure_token_cost(endpoint: str, *, n_tokens: int = 16, rounds: int = 7, timeout: float = 60.0) -> float:
+    """Seconds a decoded token costs more when its layers run on this worker: a short greedy decode of a tiny model
+    (``write_probe_model``) with every layer on the worker minus the same decode on this machine, in the isolated
+    child as real runs (so through the watchdog relay). Besides the round trip and the bytes moved, which the cost
+    model counts apart, this is llama.cpp's per-token work for a remote backend on both sides (scheduling, input
+    uploads, the worker waking up and running a graph): ~1-3 ms on loopback on a busy machine, far above the RTT."""
+    import tempfile
+
+    from .isolate import call
+
+    with tempfile.TemporaryDirectory(prefix="edge-mote-probe-") as d:
+        path = Path(d) / "probe.gguf"
+        write_probe_model(path)
+        return float(call(_probe_decode, str(path), n_tokens, rounds, rpc_servers=[endpoint], rpc_timeout=timeout,
+                          progress=False))
 
 
 def _local_free() -> int:
@@ -261,11 +360,11 @@ def measure_local(weight_type: int, threads: int | None = None, n_embd: int = 40
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise EdgeMoteError("could not start a loopback worker to measure this machine")
                 time.sleep(0.1)
-        node = measure_node(f"127.0.0.1:{port}", weight_type, n_embd=n_embd, name="local")
+        node = measure_node(f"127.0.0.1:{port}", weight_type, n_embd=n_embd, name="local", token_cost=False)
     finally:
         proc.terminate()
         proc.wait()
-    return replace(node, free=_local_free(), rtt_s=0.0, up_bps=float("inf"), down_bps=float("inf"))
+    return replace(node, free=_local_free(), rtt_s=0.0, up_bps=float("inf"), down_bps=float("inf"), token_s=0.0)
 
 
 # -- the plan ------------------------------------------------------------------------------------------------------
@@ -326,7 +425,7 @@ def predict_split(m: ModelProfile, local: NodeProfile, order: Sequence[NodeProfi
         net = 0.0
         if node.remote and c > 0:
             hidden = 4 * m.n_embd
-            net = node.rtt_s + hidden / node.up_bps + hidden / node.down_bps
+            net = node.rtt_s + node.token_s + hidden / node.up_bps + hidden / node.down_bps
             if is_out:
                 net += 4 * m.n_vocab / node.down_bps
         total += comp + net
@@ -484,15 +583,16 @@ def apply_plan(plan, args: tuple, kwargs: dict, infos: list) -> tuple[list, dict
 
 
 def render(plan: Plan, even: Plan | None = None) -> str:
-    rows = [("node", "layers", "output", "memory", "free", "GB/s", "op µs", "RTT ms", "up Mbit/s", "compute ms",
-             "network ms")]
+    rows = [("node", "layers", "output", "memory", "free", "GB/s", "op µs", "RTT ms", "token ms", "up Mbit/s",
+             "compute ms", "network ms")]
     nodes = {n.name: n for n in plan.nodes}
     for a in plan.assignments:
         n = nodes[a.node]
         mbit = "-" if not n.remote else f"{8 * n.up_bps / 1e6:.0f}"
         rows.append((a.node, str(a.layers), "yes" if a.output else "", f"{a.memory / MIB:.0f} MiB",
                      f"{n.free / MIB:.0f} MiB", f"{n.bytes_per_s / 1e9:.1f}", f"{n.op_s * 1e6:.1f}",
-                     "-" if not n.remote else f"{n.rtt_s * 1e3:.2f}", mbit, f"{a.compute_ms:.2f}",
+                     "-" if not n.remote else f"{n.rtt_s * 1e3:.2f}",
+                     "-" if not n.remote else f"{n.token_s * 1e3:.2f}", mbit, f"{a.compute_ms:.2f}",
                      f"{a.network_ms:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

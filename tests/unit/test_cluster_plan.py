@@ -17,10 +17,10 @@ def model(n_layer=24, layer_mib=100, out_mib=300, n_vocab=150_000, n_embd=2048):
                         (40,) * n_layer, 8 * MIB, out_mib * MIB, out_mib * MIB, 12, 2048)
 
 
-def node(name, free_gib, gbps, rtt_ms=0.0, mbit=1000.0):
+def node(name, free_gib, gbps, rtt_ms=0.0, mbit=1000.0, token_ms=0.0):
     rate = mbit * 1e6 / 8
     return NodeProfile(name, int(free_gib * (1 << 30)), gbps * 1e9, 2e-6, rtt_ms / 1e3,
-                       rate if name != "local" else math.inf, rate if name != "local" else math.inf)
+                       rate if name != "local" else math.inf, rate if name != "local" else math.inf, token_ms / 1e3)
 
 
 def layers_of(plan):
@@ -79,16 +79,34 @@ def test_a_slow_link_worker_is_left_out_when_others_suffice():
     assert p.order == ("near:1",)
 
 
-def test_prediction_adds_compute_rtt_and_logits():
+def test_prediction_adds_compute_rtt_fixed_cost_and_logits():
     m = model(n_layer=2, layer_mib=10, out_mib=10, n_vocab=1000, n_embd=16)
     local = node("local", 1, 10)
-    w = node("w:1", 1, 10, 5, 80)
+    w = node("w:1", 1, 10, 5, 80, token_ms=2)
     t, parts = predict_split(m, local, [w], [2], 0)
     layer = (10 * MIB // 4) / 10e9 + 40 * 2e-6
     out = 10 * MIB / 10e9 + 4 * 2e-6
-    net = 5e-3 + 2 * 64 / 10e6 + 4000 / 10e6
+    # one RTT, the worker's fixed per-token cost (measured by a short decode through it), the hidden state each
+    # way and the logits over the link
+    net = 5e-3 + 2e-3 + 2 * 64 / 10e6 + 4000 / 10e6
     assert t == pytest.approx(2 * layer + out + net)
     assert parts[1].output and parts[1].layers == 2
+    assert parts[1].network_ms == pytest.approx(net * 1e3)
+
+
+def test_each_remote_worker_on_the_token_path_adds_its_fixed_cost():
+    m = model(n_layer=8, layer_mib=50)
+    local = node("local", 0.2, 10)
+    a, b = node("a:1", 4, 10, 0.1, token_ms=3), node("b:1", 4, 10, 0.1, token_ms=3)
+    one, _ = predict_split(m, local, [a], [8], 0)
+    two, _ = predict_split(m, local, [a, b], [4, 4], 0)
+    no_fixed = [node("a:1", 4, 10, 0.1), node("b:1", 4, 10, 0.1)]
+    two0, _ = predict_split(m, local, no_fixed, [4, 4], 0)
+    assert two - two0 == pytest.approx(6e-3)
+    assert two - one == pytest.approx(3e-3 + 0.1e-3 + 2 * 4 * 2048 / 125e6)
+    # a worker that costs more per token than its layers save is left out when the others hold the model
+    costly = node("costly:1", 4, 10, 0.1, token_ms=50)
+    assert make_plan(m, local, [costly, a]).order == ("a:1",)
 
 
 def test_never_predicted_slower_than_the_even_split():
