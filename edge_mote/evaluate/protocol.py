@@ -98,37 +98,70 @@ class _Evaluator:
         self.tick = lambda n: [tick() for _ in range(n)]
         # unsteered control responses and their log-probabilities: the reference for the KL measures
         with model.steer(None):
-            outs = model.greedy_many([p.tokens for p in control], max_new, keep_logits=1 + KL_TOKENS, tick=self.tick)
+            outs = model.greedy_many([p.tokens for p in control], max_new, keep_logits=1 + KL_TOKENS, tick=self.tick,
+                                 invariant=True)
         self.ref: list[tuple[list[int], np.ndarray]] = [
             (new, log_softmax(rows[: 1 + min(len(new), KL_TOKENS)]).astype(np.float32)) for new, rows in outs]
 
-    def _answer_nll(self, prepared: Sequence[Prepared], steerings: Sequence[Steering]) -> list[tuple[float, float]]:
-        """Per steering: summed NLL and count of the reference answers of ``prepared``, all decoded together."""
-        with_answer = [p for p in prepared if p.answer]
-        n = len(with_answer)
+    def _kl_rows_in_answer(self, i: int) -> bool:
+        """Whether control prompt i's KL rows are rows of its answer-NLL pass: the unsteered response it is
+        teacher-forced on starts the reference answer (then the prompt + answer decode holds those very rows;
+        decoding is batch-invariant, so they are bit-identical to a separate pass)."""
+        p, (ref_new, ref_lp) = self.control[i], self.ref[i]
+        need = len(ref_lp) - 1  # response tokens fed before the last KL row
+        return len(p.answer) >= len(ref_lp) and p.answer[:need] == ref_new[:need]
+
+    def _kl(self, i: int, rows: np.ndarray) -> np.ndarray:
+        return kl_divergence(self.ref[i][1], rows[: len(self.ref[i][1])])
+
+    def _answer_nll(self, prepared: Sequence[Prepared], steerings: Sequence[Steering], kl_too: bool = False
+                    ) -> tuple[list[tuple[float, float]], dict[tuple[int, int], np.ndarray]]:
+        """Per steering: summed NLL and count of the reference answers of ``prepared``, all decoded together; with
+        ``kl_too`` (``prepared`` is the control set) also the KL rows of the prompts whose KL rows these decodes hold,
+        as {(steering, prompt): KL per row}."""
+        idx = [i for i, p in enumerate(prepared) if p.answer]
+        n = len(idx)
         if not n:
-            return [(0.0, 0.0)] * len(steerings)
-        scores = self.m.score_many([p.tokens + p.answer for p in with_answer] * len(steerings),
-                                   [len(p.tokens) - 1 for p in with_answer] * len(steerings),  # rows from the last prompt token
-                                   reduce=lambda i, rows: answer_nll(rows, 1, with_answer[i % n].answer),
-                                   steerings=[s for s in steerings for _ in range(n)])
+            return [(0.0, 0.0)] * len(steerings), {}
+        kls: dict[tuple[int, int], np.ndarray] = {}
+
+        def reduce(j: int, rows: np.ndarray):
+            i = idx[j % n]
+            if kl_too and self._kl_rows_in_answer(i):
+                kls[(j // n, i)] = self._kl(i, rows)
+            return answer_nll(rows, 1, prepared[i].answer)
+
+        scores = self.m.score_many([prepared[i].tokens + prepared[i].answer for i in idx] * len(steerings),
+                                   [len(prepared[i].tokens) - 1 for i in idx] * len(steerings),  # rows from the last prompt token
+                                   reduce=reduce, steerings=[s for s in steerings for _ in range(n)], invariant=True)
         return [(sum(sc for sc, _ in scores[k * n:(k + 1) * n]), sum(c for _, c in scores[k * n:(k + 1) * n]))
-                for k in range(len(steerings))]
+                for k in range(len(steerings))], kls
 
     def measure_many(self, steerings: Sequence[Steering]) -> list[dict[str, float]]:
-        """The metrics of every steering; all configurations share decodes (each sequence with its own steering)."""
+        """The metrics of every steering; all configurations share decodes (each sequence with its own steering),
+        each distinct steering measured once."""
+        unique = list(dict.fromkeys(steerings))
+        measured = dict(zip(unique, self._measure_unique(unique)))
+        return [dict(measured[s]) for s in steerings]
+
+    def _measure_unique(self, steerings: Sequence[Steering]) -> list[dict[str, float]]:
         m, det, k = self.m, self.detector, len(steerings)
         nb, nc = len(self.behavior), len(self.control)
         outs_b = m.greedy_many([p.tokens for p in self.behavior] * k, self.max_new, keep_logits=0, tick=self.tick,
-                               steerings=[s for s in steerings for _ in range(nb)])
+                               steerings=[s for s in steerings for _ in range(nb)], invariant=True)
         outs_c = m.greedy_many([p.tokens for p in self.control] * k, self.max_new, keep_logits=0, tick=self.tick,
-                               steerings=[s for s in steerings for _ in range(nc)])
-        nll_b, nll_c = self._answer_nll(self.behavior, steerings), self._answer_nll(self.control, steerings)
-        # KL(unsteered || steered), teacher-forced on the unsteered response
-        kls = m.score_many([p.tokens + ref_new[:KL_TOKENS] for p, (ref_new, _) in zip(self.control, self.ref)] * k,
-                           [len(p.tokens) - 1 for p in self.control] * k,
-                           reduce=lambda i, rows: kl_divergence(self.ref[i % nc][1], rows[: len(self.ref[i % nc][1])]),
-                           steerings=[s for s in steerings for _ in range(nc)])
+                               steerings=[s for s in steerings for _ in range(nc)], invariant=True)
+        (nll_b, _), (nll_c, kl_done) = self._answer_nll(self.behavior, steerings), \
+            self._answer_nll(self.control, steerings, kl_too=True)
+        # KL(unsteered || steered), teacher-forced on the unsteered response: a pass of its own for the prompts whose
+        # rows the answer pass did not hold
+        rest = [(c, i) for c in range(k) for i in range(nc) if (c, i) not in kl_done]
+        more = m.score_many([self.control[i].tokens + self.ref[i][0][:KL_TOKENS] for _, i in rest],
+                            [len(self.control[i].tokens) - 1 for _, i in rest],
+                            reduce=lambda j, rows: self._kl(rest[j][1], rows),
+                            steerings=[steerings[c] for c, _ in rest], invariant=True)
+        kl_done.update(zip(rest, more))
+        kls = [kl_done[(c, i)] for c in range(k) for i in range(nc)]
         results = []
         for c in range(k):
             b_dec = b_phr = compliant = 0

@@ -126,6 +126,7 @@ class Model:
         self._lock = threading.RLock()
         self._llm = None
         self._parallel = None  # the batched context of the decode surface, made on first use
+        self._parallel_invariant = None  # ... and its batch-invariant twin (``invariant=True``)
         path = resolve_model(path)  # a local path, or hf://owner/repo[:file.gguf][@revision] (never implicit)
         check_gguf_header(path)  # one-line error for missing, empty or non-GGUF files, before llama.cpp sees them
 
@@ -194,9 +195,10 @@ class Model:
     # -- lifetime --------------------------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
-            par, self._parallel = self._parallel, None
-            if par is not None:
-                par.close()
+            for par in (self._parallel, self._parallel_invariant):
+                if par is not None:
+                    par.close()
+            self._parallel = self._parallel_invariant = None
             llm, self._llm = self._llm, None
             if llm is not None:
                 llm.close()
@@ -287,8 +289,9 @@ class Model:
         previous, self._steering = self._steering, steering
         try:
             self.apply_steering_to(self._ctx)
-            if self._parallel is not None:
-                self._parallel.apply_model_steering()
+            for par in (self._parallel, self._parallel_invariant):
+                if par is not None:
+                    par.apply_model_steering()
         except BaseException:
             self._steering = previous
             raise
@@ -381,20 +384,24 @@ class Model:
         return steerings
 
     # -- the batched context ----------------------------------------------------------------------------------
-    def _batched(self, n_ctx_seq: int):
-        """The batched context, (re)made when a longer sequence than it holds is needed."""
+    def _batched(self, n_ctx_seq: int, invariant: bool = False):
+        """The batched context (or its batch-invariant twin), (re)made when a longer sequence than it holds is
+        needed."""
         from .parallel import ParallelContext
 
-        par = self._parallel
+        attr = "_parallel_invariant" if invariant else "_parallel"
+        par = getattr(self, attr)
         if par is None or par.n_ctx_seq < n_ctx_seq:
             if par is not None:
                 par.close()
-                self._parallel = None
+                setattr(self, attr, None)
             size = max(128, -(-n_ctx_seq // 64) * 64)
             n_batch = max(512, size)
             n_seq = max(1, min(PARALLEL_SEQS, PARALLEL_CELLS // size))  # bound the KV cache of long sequences
-            self._parallel = ParallelContext(self, n_seq, size, n_batch)
-        return self._parallel
+            if invariant:  # one wave's generation step fits one decode of 32 with room for a padding token
+                n_seq = min(n_seq, ParallelContext.INVARIANT_UBATCH - 1)
+            setattr(self, attr, ParallelContext(self, n_seq, size, n_batch, invariant=invariant))
+        return getattr(self, attr)
 
     @_locked
     def open_batch(self, n_seq: int, n_ctx_seq: int, n_batch: int | None = None):
@@ -408,14 +415,15 @@ class Model:
 
     # -- evaluation ------------------------------------------------------------------------------------------
     @_locked
-    def logits_many(self, token_lists: Sequence[Sequence[int]], steerings=None) -> list[np.ndarray]:
+    def logits_many(self, token_lists: Sequence[Sequence[int]], steerings=None, invariant: bool = False
+                    ) -> list[np.ndarray]:
         """Next-token logits after every token of each sequence (each float32 [n_tokens, n_vocab]), decoded
         together, sequence i under ``steerings[i]`` (None: the Model's steering). Equal to ``logits`` of each alone."""
         seqs = [self._check_tokens(t) for t in token_lists]
         steerings = self._check_steerings(steerings, len(seqs))
         if not seqs:
             return []
-        return self._batched(max(len(s) for s in seqs)).score(seqs, [0] * len(seqs), steerings=steerings)
+        return self._batched(max(len(s) for s in seqs), invariant).score(seqs, [0] * len(seqs), steerings=steerings)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Next-token logits after every token: float32 [n_tokens, n_vocab], from an empty context."""
@@ -446,7 +454,7 @@ class Model:
     @_locked
     def greedy_many(self, prompts: Sequence[Sequence[int]], max_new: int, stop_at_eos: bool = True,
                     keep_logits: int | None = None, tick=None, steerings=None,
-                    sampler=None, routing: bool = False) -> list[tuple]:
+                    sampler=None, routing: bool = False, invariant: bool = False) -> list[tuple]:
         """Greedy continuation of many prompts, decoded together (up to 16 sequences per ``llama_decode``), prompt i
         under ``steerings[i]`` (None: the Model's steering); stops at any end-of-generation token.
 
@@ -455,6 +463,8 @@ class Model:
         progress; ``sampler(i, row) -> token`` replaces argmax (sampling). With ``routing``, each result also
         holds a ``RoutingTrace`` of the tokens whose logits those rows are (the last prompt token, then the
         generated tokens that were fed back), read from the same decodes: the scan's response window.
+        ``invariant``: batch-invariant decoding, each prompt's result bit-identical whatever it is batched with
+        (slower; see ``edge_mote.runtime.parallel``).
         """
         prompts = [self._check_tokens(p) for p in prompts]
         steerings = self._check_steerings(steerings, len(prompts))
@@ -469,7 +479,8 @@ class Model:
         is_eog = self.token_eog if stop_at_eos else (lambda t: False)
         if routing:
             self._require_moe()
-        outs = self._batched(longest).greedy(prompts, max_new, is_eog, keep_logits, tick, steerings, sampler, routing)
+        outs = self._batched(longest, invariant).greedy(prompts, max_new, is_eog, keep_logits, tick, steerings, sampler,
+                                                        routing)
         if not routing:
             return outs
         result = []
@@ -487,15 +498,16 @@ class Model:
 
     @_locked
     def score_many(self, seqs: Sequence[Sequence[int]], first: Sequence[int], reduce=None, tick=None,
-                   steerings=None) -> list:
+                   steerings=None, invariant: bool = False) -> list:
         """Next-token logits of many sequences evaluated together: for sequence i the rows ``first[i]`` to
         ``len - 1`` of ``logits(seqs[i])`` -- or ``reduce(i, rows)`` of them, computed without copying the rows
-        out of llama.cpp's buffer (``rows`` is valid only during the call) -- under ``steerings[i]``."""
+        out of llama.cpp's buffer (``rows`` is valid only during the call) -- under ``steerings[i]``. ``invariant``: as
+        in ``greedy_many``."""
         seqs = [self._check_tokens(s) for s in seqs]
         steerings = self._check_steerings(steerings, len(seqs))
         if not seqs:
             return []
-        return self._batched(max(len(s) for s in seqs)).score(seqs, first, reduce, tick, steerings)
+        return self._batched(max(len(s) for s in seqs), invariant).score(seqs, first, reduce, tick, steerings)
 
     def generate(self, prompt: str, max_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                  stop: Sequence[str] | None = None) -> Completion:

@@ -9,6 +9,18 @@ Steering: the context follows its Model's steering (``Model`` re-applies it when
 carry its own (``set_sequence_steering``), which the patched llama.cpp applies per token inside the same decode.
 A batch whose tokens all share one steering runs exactly the graph of a context-wide steering.
 
+Batch invariance (``invariant=True``, used by the evaluation protocol): llama.cpp's CPU kernels are not batch
+invariant -- a matrix product of one row takes another kernel than one of several (tinyBLAS needs >= 2 rows),
+flash attention picks a tiled path for >= 64 query rows and a split-KV path for one, and a sequence's attention
+sums its KV cells in cell order, which depends on where the cache put them -- so a sequence's logits differ in the
+last bits with the company it is decoded in, and a greedy token can flip. In invariant mode every ``llama_decode``
+holds 2..32 tokens and never exactly one output row (a padding token of a reserved sequence, or one more output
+row, is added), flash attention is on (its one-query-at-a-time path visits only the sequence's own cells, in order),
+and sequences start in waves on an emptied cache and never free cells mid-wave, so each sequence's cells are in
+position order. Then each sequence's results are bit-identical whatever it is batched with (tested), and the
+evaluation's table does not depend on which configurations share decodes. It costs some throughput (smaller
+decodes; idle slots until a wave ends); weights repacked for CPU GEMM kernels (some quantized types) are not covered.
+
 Low-level use (the server's scheduler)::
 
     pc = model.open_batch(n_seq=8, n_ctx_seq=2048)
@@ -37,7 +49,9 @@ class ParallelContext:
 
     Made by ``Model.open_batch`` (or internally by the Model); use it from one thread at a time."""
 
-    def __init__(self, model, n_seq: int, n_ctx_seq: int, n_batch: int):
+    INVARIANT_UBATCH = 32  # < ggml-cpu's flash-attention tile (64 query rows)
+
+    def __init__(self, model, n_seq: int, n_ctx_seq: int, n_batch: int, invariant: bool = False):
         import llama_cpp
 
         self._ll = llama_cpp
@@ -47,9 +61,15 @@ class ParallelContext:
             raise UserError("a batched context needs n_seq, n_ctx_seq and n_batch >= 1")
         params = llama_cpp.llama_context_params()
         ctypes.memmove(ctypes.byref(params), ctypes.byref(model.native_context_params()), ctypes.sizeof(params))
-        params.n_seq_max = self.n_seq
+        self.invariant = bool(invariant)
+        self.pad_seq = self.n_seq            # invariant mode: the sequence of padding tokens
+        n_seq_ids = self.n_seq + (1 if self.invariant else 0)
+        if self.invariant:
+            self.n_batch = self.INVARIANT_UBATCH
+            params.flash_attn_type = 1       # LLAMA_FLASH_ATTN_TYPE_ENABLED (see the module docstring)
+        params.n_seq_max = n_seq_ids
         params.kv_unified = True             # the sequences share one KV buffer of n_seq * n_ctx_seq cells
-        params.n_ctx = self.n_seq * self.n_ctx_seq
+        params.n_ctx = n_seq_ids * self.n_ctx_seq
         params.n_batch = params.n_ubatch = self.n_batch
         params.embeddings = False
         self.ctx = llama_cpp.llama_init_from_model(model.native_model(), params)
@@ -63,6 +83,7 @@ class ParallelContext:
         self._seq_steering: dict[int, Steering] = {}
         self._capture = False
         self._steered = False   # whether any steering is in effect (then the skipped-layer check runs)
+        self._pad_pos = 0       # next position of the padding sequence (invariant mode)
         self.apply_model_steering()
 
     def close(self) -> None:
@@ -117,6 +138,7 @@ class ParallelContext:
     def clear_all(self) -> None:
         """Empty the KV cache (every sequence); steerings stay."""
         self._ll.llama_memory_clear(self._mem, True)
+        self._pad_pos = 0
 
     # -- decode ----------------------------------------------------------------------------------------------
     def decode(self, entries: Sequence[Entry]) -> None:
@@ -193,7 +215,7 @@ class ParallelContext:
             if n + extra > self.n_ctx_seq:
                 raise UserError(f"a sequence of {n} tokens" + (f" + {extra} new" if extra else "")
                                 + f" does not fit the context of {self.n_ctx_seq}", hint="load with a larger --ctx")
-            if cur and (len(cur) == self.n_seq or used + n > self.n_batch):
+            if cur and (len(cur) == self.n_seq or (used + n > self.n_batch and not self.invariant)):
                 waves.append(cur)
                 cur, used = [], 0
             cur.append(i)
@@ -206,6 +228,8 @@ class ParallelContext:
         """Decode ``entries`` in chunks of ``n_batch``: (logits of the flagged entries [n, n_vocab] -- a view of the
         native buffer when one decode sufficed, else a copy --, the routing of the flagged entries, concatenated over
         the chunks, or None). Capture must be on when ``capture`` is asked for."""
+        if self.invariant:
+            return self._run_invariant(entries, capture)
         chunks = [entries[i: i + self.n_batch] for i in range(0, len(entries), self.n_batch)]
         rows, caps = [], []
         for chunk in chunks:
@@ -222,6 +246,39 @@ class ParallelContext:
                 caps.append({il: (ids[flagged], w[flagged]) if len(ids) == len(chunk) and n != len(chunk) else (ids, w)
                              for il, (ids, w) in self.capture().items()})
         logits = rows[0] if len(rows) == 1 else (np.concatenate(rows) if rows else np.zeros((0, self.n_vocab), np.float32))
+        cap = None
+        if capture:
+            cap = {il: (np.concatenate([c[il][0] for c in caps]), np.concatenate([c[il][1] for c in caps]))
+                   for il in caps[0]}
+        return logits, cap
+
+    def _run_invariant(self, entries: Sequence[Entry], capture: bool):
+        """``run`` in invariant mode: decodes of 2..32 tokens, none with exactly one output row (module docstring)."""
+        n = len(entries)
+        n_pieces = -(-n // (self.n_batch - 1)) if n else 0
+        bounds = [round(i * n / n_pieces) for i in range(n_pieces + 1)] if n_pieces else [0]  # balanced: >= 2 each if n >= 2
+        logits = np.empty((sum(1 for e in entries if e[3]), self.n_vocab), np.float32)  # each row copied once
+        at, caps = 0, []
+        for a, b in zip(bounds, bounds[1:]):
+            piece = list(entries[a:b])
+            real = [j for j, e in enumerate(piece) if e[3]]   # flagged rows the caller asked for
+            if len(piece) == 1:                                # pad: a second token in the padding sequence
+                if self._pad_pos >= self.n_ctx_seq:
+                    raise EdgeMoteError("the padding sequence of the batch-invariant context is full")
+                piece.append((piece[0][0], self._pad_pos, self.pad_seq, True))
+                self._pad_pos += 1
+            elif sum(e[3] for e in piece) == 1:                # one more output row (dropped below)
+                j = next(j for j, e in enumerate(piece) if not e[3])
+                piece[j] = (*piece[j][:3], True)
+            self.decode(piece)
+            flagged = [j for j, e in enumerate(piece) if e[3]]
+            keep = [flagged.index(j) for j in real]
+            if real:
+                np.take(self.logits(len(flagged)), keep, axis=0, out=logits[at: at + len(keep)])
+                at += len(keep)
+            if capture:
+                caps.append({il: (ids[real], w[real]) if len(ids) == len(piece) else (ids[keep], w[keep])
+                             for il, (ids, w) in self.capture().items()})
         cap = None
         if capture:
             cap = {il: (np.concatenate([c[il][0] for c in caps]), np.concatenate([c[il][1] for c in caps]))
@@ -251,7 +308,8 @@ class ParallelContext:
         the generated tokens that were decoded), read from the same decodes.
 
         Continuous batching: one decode per step holds the next token of every running sequence plus the prompts
-        of sequences admitted into slots that finished, so the batch stays full until the queue runs dry."""
+        of sequences admitted into slots that finished, so the batch stays full until the queue runs dry (in
+        invariant mode: waves, see the module docstring)."""
         from collections import deque
 
         keep = max_new + 1 if keep is None else max(0, min(int(keep), max_new + 1))
@@ -273,9 +331,14 @@ class ParallelContext:
             for slot, st in run.items():  # the last chosen token of each running sequence, at its position
                 entries.append((st["new"][-1], len(prompts[st["i"]]) + len(st["new"]) - 1, slot, True))
                 flagged.append(slot)
-            while queue and free and (not entries or len(entries) + len(prompts[queue[0]]) <= self.n_batch):
+            wave_start = self.invariant and not run
+            if wave_start and queue:
+                self.clear_all()  # a new wave on an empty cache: no cells are freed until it ends
+            while queue and free and (wave_start if self.invariant
+                                      else not entries or len(entries) + len(prompts[queue[0]]) <= self.n_batch):
                 i, slot = queue.popleft(), free.pop()
-                self._ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
+                if not self.invariant:
+                    self._ll.llama_memory_seq_rm(self._mem, slot, -1, -1)
                 self.set_sequence_steering(slot, self._own(steerings[i] if steerings is not None else None))
                 toks = prompts[i]
                 entries.extend((int(t), j, slot, j == len(toks) - 1) for j, t in enumerate(toks))
