@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The demo's evaluation (``edge-mote demo --top 2,4``: 25 configurations on the organism's 391 held-out prompts)
+"""The demo's evaluation (``edge-mote demo --top 2,4``: 25 configurations, modes off and on on the organism's 391 held-out prompts)
 with all configurations sharing decodes -- every sequence carrying its own steering (issue #11) -- against one
 configuration after another (the protocol before per-sequence steering), in one process, rounds interleaved.
 
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
 
         def run(batch: bool):
             t0 = time.perf_counter()
-            rep = evaluate(m, b, c, ranking, tops=tops, random_trials=args.random_trials, seed=0, max_new=16,
+            rep = evaluate(m, b, c, ranking, tops=tops, modes=("off", "on"), random_trials=args.random_trials,
+                           seed=0, max_new=16,
                            batch_configurations=batch)
             return time.perf_counter() - t0, json.dumps([r.to_dict() for r in rep.rows], sort_keys=True)
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
                 print(f"round {r + 1}: {'all configurations batched' if batch else 'one configuration at a time'}"
                       f" {dt:.1f} s", file=sys.stderr)
     ratios = [a / b for a, b in zip(times[False], times[True])]
-    n_configs = 1 + len(tops) * 3 * (1 + args.random_trials)
+    n_configs = 1 + len(tops) * 2 * (1 + args.random_trials)  # the demo's modes: off, on
     print(f"\neval of {n_configs} configurations x {len(b) + len(c)} prompts (organism, {args.threads} threads), "
           f"{args.rounds} rounds\n")
     print("| way | seconds (median) |\n|---|---|")
