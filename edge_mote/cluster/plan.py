@@ -288,7 +288,7 @@ def write_probe_model(path: str | os.PathLike) -> None:
 
 def _probe_decode(path: str, n_tokens: int, rounds: int, rpc_servers=None, progress: bool = False) -> float:
     """In the isolated child: median over ``rounds`` of (seconds per token with every layer on the worker - on this
-    machine), both decoded in turn, greedy, one thread."""
+    machine), both decoded in turn (the order alternating), greedy, one thread."""
     from ..runtime.model import load
 
     here = load(path, n_ctx=64, n_batch=64, n_threads=1, n_gpu_layers=0)
@@ -301,20 +301,20 @@ def _probe_decode(path: str, n_tokens: int, rounds: int, rpc_servers=None, progr
         diffs = []
         for m in (here, there):
             m.greedy([1, 2, 3], 4, stop_at_eos=False)  # warm up: graph allocation, first round trips
-        for _ in range(rounds):
-            t = []
-            for m in (here, there):
+        for r in range(rounds):
+            t = {}
+            for m in ((here, there) if r % 2 == 0 else (there, here)):
                 t0 = time.perf_counter()
                 m.greedy([1, 2, 3], n_tokens, stop_at_eos=False)
-                t.append((time.perf_counter() - t0) / n_tokens)
-            diffs.append(t[1] - t[0])
+                t[m is there] = (time.perf_counter() - t0) / n_tokens
+            diffs.append(t[True] - t[False])
         return statistics.median(diffs)
     finally:
         there.close()
         here.close()
 
 
-def measure_token_cost(endpoint: str, *, n_tokens: int = 16, rounds: int = 7, timeout: float = 60.0) -> float:
+def measure_token_cost(endpoint: str, *, n_tokens: int = 12, rounds: int = 15, timeout: float = 60.0) -> float:
     """Seconds a decoded token costs more when its layers run on this worker: a short greedy decode of a tiny model
     (``write_probe_model``) with every layer on the worker minus the same decode on this machine, in the isolated
     child as real runs (so through the watchdog relay). Besides the round trip and the bytes moved, which the cost
