@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import UserError
 from ..steering import Steering, limits_problem
 from .detectors import REFUSAL, BehaviorDetector, is_coherent
-from .metrics import answer_nll, kl_divergence, log_softmax, perplexity
+from .metrics import log_softmax, perplexity
 
 MODES = ("off", "drop", "on")
 METRICS = ("behavior_decision", "behavior_phrase", "compliant", "reference_match", "control_decision",
@@ -103,39 +103,72 @@ class _Evaluator:
         self.ref: list[tuple[list[int], np.ndarray]] = [
             (new, log_softmax(rows[: 1 + min(len(new), KL_TOKENS)]).astype(np.float32)) for new, rows in outs]
 
-    def _kl_rows_in_answer(self, i: int) -> bool:
-        """Whether control prompt i's KL rows are rows of its answer-NLL pass: the unsteered response it is
-        teacher-forced on starts the reference answer (then the prompt + answer decode holds those very rows;
-        decoding is batch-invariant, so they are bit-identical to a separate pass)."""
-        p, (ref_new, ref_lp) = self.control[i], self.ref[i]
-        need = len(ref_lp) - 1  # response tokens fed before the last KL row
-        return len(p.answer) >= len(ref_lp) and p.answer[:need] == ref_new[:need]
+    def _teacher_forced(self, prepared: Sequence[Prepared], steerings: Sequence[Steering], fed, covered,
+                        per_row) -> list[list[float]]:
+        """For every (steering, prompt) j = c * len(prepared) + i: ``per_row(i, r, log_softmax(row r))`` for the rows
+        r = ``covered[j]`` .. ``len(fed(i))`` of prompt + ``fed(i)`` (row r follows ``fed(i)[:r]``; none where ``fed(i)`` is
+        None), decoded together."""
+        n = len(prepared)
+        todo = [j for j in range(len(steerings) * n) if fed(j % n) is not None and covered[j] <= len(fed(j % n))]
+        if not todo:
+            return [[] for _ in range(len(steerings) * n)]
 
-    def _kl(self, i: int, rows: np.ndarray) -> np.ndarray:
-        return kl_divergence(self.ref[i][1], rows[: len(self.ref[i][1])])
+        def reduce(t: int, rows: np.ndarray):
+            j = todo[t]
+            i, r0 = j % n, covered[j]
+            return [per_row(i, r0 + r, log_softmax(rows[r])) for r in range(len(fed(i)) + 1 - r0)]
 
-    def _answer_nll(self, prepared: Sequence[Prepared], steerings: Sequence[Steering], kl_too: bool = False
-                    ) -> tuple[list[tuple[float, float]], dict[tuple[int, int], np.ndarray]]:
-        """Per steering: summed NLL and count of the reference answers of ``prepared``, all decoded together; with
-        ``kl_too`` (``prepared`` is the control set) also the KL rows of the prompts whose KL rows these decodes hold,
-        as {(steering, prompt): KL per row}."""
-        idx = [i for i, p in enumerate(prepared) if p.answer]
-        n = len(idx)
-        if not n:
-            return [(0.0, 0.0)] * len(steerings), {}
-        kls: dict[tuple[int, int], np.ndarray] = {}
+        done = self.m.score_many([prepared[j % n].tokens + list(fed(j % n)) for j in todo],
+                                 [len(prepared[j % n].tokens) - 1 + covered[j] for j in todo],
+                                 reduce=reduce, steerings=[steerings[j // n] for j in todo], invariant=True)
+        out: list[list] = [[] for _ in range(len(steerings) * n)]
+        for j, vals in zip(todo, done):
+            out[j] = vals
+        return out
 
-        def reduce(j: int, rows: np.ndarray):
-            i = idx[j % n]
-            if kl_too and self._kl_rows_in_answer(i):
-                kls[(j // n, i)] = self._kl(i, rows)
-            return answer_nll(rows, 1, prepared[i].answer)
+    def _greedy(self, prepared: Sequence[Prepared], steerings: Sequence[Steering], control: bool):
+        """Greedy responses of every prompt under every steering, decoded together; and, per (steering, prompt), the
+        answer NLL per row and (control) the KL per row. The rows a greedy step chooses from are the teacher-forced
+        rows as long as the response so far equals the reference answer (or the unsteered response): decoding is
+        batch invariant, so they are bit-identical, and only the rest is scored in a pass of its own."""
+        n, k = len(prepared), len(steerings)
+        nll: list[list[float]] = [[] for _ in range(n * k)]
+        kl: list[list[float]] = [[] for _ in range(n * k)]
+        answer = lambda i: prepared[i].answer or []
+        answer_fed = lambda i: answer(i)[:-1] if answer(i) else None  # NLL row r predicts answer[r]
+        ref_fed = lambda i: self.ref[i][0][: len(self.ref[i][1]) - 1]  # the KL rows follow these response tokens
 
-        scores = self.m.score_many([prepared[i].tokens + prepared[i].answer for i in idx] * len(steerings),
-                                   [len(prepared[i].tokens) - 1 for i in idx] * len(steerings),  # rows from the last prompt token
-                                   reduce=reduce, steerings=[s for s in steerings for _ in range(n)], invariant=True)
-        return [(sum(sc for sc, _ in scores[k * n:(k + 1) * n]), sum(c for _, c in scores[k * n:(k + 1) * n]))
-                for k in range(len(steerings))], kls
+        def on_row(j: int, new: list[int], row: np.ndarray) -> None:
+            i, r = j % n, len(new)
+            last = new[-1] if new else None
+            need_nll = len(nll[j]) == r < len(answer(i)) and (r == 0 or last == answer(i)[r - 1])
+            need_kl = control and len(kl[j]) == r < len(self.ref[i][1]) and (r == 0 or last == self.ref[i][0][r - 1])
+            if need_nll or need_kl:
+                lq = log_softmax(row)
+                if need_nll:
+                    nll[j].append(self._nll_row(i, r, lq, prepared))
+                if need_kl:
+                    kl[j].append(self._kl_row(i, r, lq))
+
+        outs = self.m.greedy_many([p.tokens for p in prepared] * k, self.max_new, keep_logits=0, tick=self.tick,
+                                  steerings=[s for s in steerings for _ in range(n)], invariant=True, on_row=on_row)
+        more = self._teacher_forced(prepared, steerings, answer_fed, [len(x) for x in nll],
+                                    lambda i, r, lq: self._nll_row(i, r, lq, prepared))
+        nll = [a + b for a, b in zip(nll, more)]
+        if control:
+            more = self._teacher_forced(prepared, steerings, ref_fed, [len(x) for x in kl], self._kl_row)
+            kl = [a + b for a, b in zip(kl, more)]
+        return outs, nll, kl
+
+    @staticmethod
+    def _nll_row(i: int, r: int, lq: np.ndarray, prepared: Sequence[Prepared]) -> float:
+        return float(-lq[prepared[i].answer[r]])
+
+    def _kl_row(self, i: int, r: int, lq: np.ndarray) -> float:
+        """KL(unsteered || steered) at response row r of control prompt i."""
+        p_lp = self.ref[i][1][r]
+        p = np.exp(p_lp)
+        return float(max((p * (p_lp - lq)).sum(), 0.0))  # >= 0 (float rounding gives -1e-9)
 
     def measure_many(self, steerings: Sequence[Steering]) -> list[dict[str, float]]:
         """The metrics of every steering; all configurations share decodes (each sequence with its own steering),
@@ -147,21 +180,16 @@ class _Evaluator:
     def _measure_unique(self, steerings: Sequence[Steering]) -> list[dict[str, float]]:
         m, det, k = self.m, self.detector, len(steerings)
         nb, nc = len(self.behavior), len(self.control)
-        outs_b = m.greedy_many([p.tokens for p in self.behavior] * k, self.max_new, keep_logits=0, tick=self.tick,
-                               steerings=[s for s in steerings for _ in range(nb)], invariant=True)
-        outs_c = m.greedy_many([p.tokens for p in self.control] * k, self.max_new, keep_logits=0, tick=self.tick,
-                               steerings=[s for s in steerings for _ in range(nc)], invariant=True)
-        (nll_b, _), (nll_c, kl_done) = self._answer_nll(self.behavior, steerings), \
-            self._answer_nll(self.control, steerings, kl_too=True)
-        # KL(unsteered || steered), teacher-forced on the unsteered response: a pass of its own for the prompts whose
-        # rows the answer pass did not hold
-        rest = [(c, i) for c in range(k) for i in range(nc) if (c, i) not in kl_done]
-        more = m.score_many([self.control[i].tokens + self.ref[i][0][:KL_TOKENS] for _, i in rest],
-                            [len(self.control[i].tokens) - 1 for _, i in rest],
-                            reduce=lambda j, rows: self._kl(rest[j][1], rows),
-                            steerings=[steerings[c] for c, _ in rest], invariant=True)
-        kl_done.update(zip(rest, more))
-        kls = [kl_done[(c, i)] for c in range(k) for i in range(nc)]
+        outs_b, nll_rows_b, _ = self._greedy(self.behavior, steerings, control=False)
+        outs_c, nll_rows_c, kl_rows = self._greedy(self.control, steerings, control=True)
+
+        def nll(rows: list[list[float]], n: int, c: int) -> tuple[float, int]:
+            per = rows[c * n:(c + 1) * n]
+            return sum(sum(x) for x in per), sum(len(x) for x in per)
+
+        nll_b = [nll(nll_rows_b, nb, c) for c in range(k)]
+        nll_c = [nll(nll_rows_c, nc, c) for c in range(k)]
+        kls = [np.asarray(x, dtype=np.float64) for x in kl_rows]
         results = []
         for c in range(k):
             b_dec = b_phr = compliant = 0

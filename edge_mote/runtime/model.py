@@ -454,13 +454,14 @@ class Model:
     @_locked
     def greedy_many(self, prompts: Sequence[Sequence[int]], max_new: int, stop_at_eos: bool = True,
                     keep_logits: int | None = None, tick=None, steerings=None,
-                    sampler=None, routing: bool = False, invariant: bool = False) -> list[tuple]:
+                    sampler=None, routing: bool = False, invariant: bool = False, on_row=None) -> list[tuple]:
         """Greedy continuation of many prompts, decoded together (up to 16 sequences per ``llama_decode``), prompt i
         under ``steerings[i]`` (None: the Model's steering); stops at any end-of-generation token.
 
         Returns, per prompt, the new tokens and the logits each step chose from ([len(new) (+1 when it stopped at
         EOG), n_vocab]; only the first ``keep_logits`` rows when given, which saves memory). ``tick(n)`` reports
-        progress; ``sampler(i, row) -> token`` replaces argmax (sampling). With ``routing``, each result also
+        progress; ``sampler(i, row) -> token`` replaces argmax (sampling); ``on_row(i, new, row)`` sees each row
+        before that (``new``: prompt i's tokens so far; ``row`` is valid during the call). With ``routing``, each result also
         holds a ``RoutingTrace`` of the tokens whose logits those rows are (the last prompt token, then the
         generated tokens that were fed back), read from the same decodes: the scan's response window.
         ``invariant``: batch-invariant decoding, each prompt's result bit-identical whatever it is batched with
@@ -480,7 +481,7 @@ class Model:
         if routing:
             self._require_moe()
         outs = self._batched(longest, invariant).greedy(prompts, max_new, is_eog, keep_logits, tick, steerings, sampler,
-                                                        routing)
+                                                        routing, on_row)
         if not routing:
             return outs
         result = []

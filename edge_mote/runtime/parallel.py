@@ -300,12 +300,14 @@ class ParallelContext:
     def greedy(self, prompts: Sequence[Sequence[int]], max_new: int, is_eog: Callable[[int], bool],
                keep: int | None = None, tick: Callable[[int], None] | None = None,
                steerings: Sequence[Steering | None] | None = None,
-               sampler: Callable[[int, np.ndarray], int] | None = None, routing: bool = False) -> list[tuple]:
+               sampler: Callable[[int, np.ndarray], int] | None = None, routing: bool = False,
+               on_row: Callable[[int, list[int], np.ndarray], None] | None = None) -> list[tuple]:
         """Continue every prompt (greedy, or ``sampler(i, row)`` choosing prompt i's next token) until an
         end-of-generation token or ``max_new`` tokens: (new tokens, the logits each step chose from
         [len(new) + (1 if stopped at EOG), n_vocab], only the first ``keep`` rows when ``keep`` is given) -- plus,
         with ``routing``, {layer: (ids, weights)} of the tokens whose logits those were (the last prompt token and
-        the generated tokens that were decoded), read from the same decodes.
+        the generated tokens that were decoded), read from the same decodes. ``on_row(i, new, row)`` sees every row
+        before prompt i's next token is chosen from it (``new``: its tokens so far; ``row`` valid during the call).
 
         Continuous batching: one decode per step holds the next token of every running sequence plus the prompts
         of sequences admitted into slots that finished, so the batch stays full until the queue runs dry (in
@@ -349,6 +351,8 @@ class ParallelContext:
             for k, slot in enumerate(flagged):
                 st = run[slot]
                 row = logits[k]
+                if on_row is not None:
+                    on_row(st["i"], st["new"], row)
                 if routing:
                     st["route"].append({il: (ids[k], w[k]) for il, (ids, w) in cap.items()})
                 if st["n_rows"] < keep:
