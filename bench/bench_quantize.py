@@ -13,8 +13,17 @@ moe`` at Q4_K_M and Q3_K_M. For every file: size, bits/weight of the routed expe
 got, KL vs F32 (first token and over the reference answers of the held-out control prompts), routing fidelity
 (share of (token, MoE layer) top-k sets identical to F32's on the control prompts), and the profile's effect
 measured by edge_mote.evaluate (decision-level refusal unsteered / with the profile's experts OFF / random-2 OFF,
-first-token KL of the profile on the control prompts). Also the wall time of ``edge-mote quantize`` vs running
-``llama-quantize`` directly on the same file (interleaved rounds, medians).
+first-token KL of the profile on the control prompts).
+
+Wall time of ``edge-mote quantize`` (the whole command: Python start-up, header checks, llama-quantize, metadata
+comparison, fsync, rename) vs running ``llama-quantize`` directly on the same file, Q4_K_M with 2 threads,
+interleaved rounds (the order rotates every round; the page cache is flushed with ``sync`` outside the timed region
+between runs; one untimed warm-up run each, which also writes edge-mote's byte-code caches), medians: on a realistic file -- the ~260M-parameter random Qwen3-MoE
+of bench_steering.py (F16, a few hundred MB) -- and on the small widened organism (F32, a few MB, where the fixed
+cost dominates). ``llama-quantize + fsync`` is llama-quantize followed by an fsync of its output: the share of the
+difference that is edge-mote's durability (atomic output is fsync'd) rather than Python.
+
+    .venv/bin/python bench/bench_quantize.py --time-only [--time-rounds 5]   # only the wall-time comparison
 """
 
 from __future__ import annotations
@@ -71,6 +80,78 @@ def widen(src_hf: Path, out_hf: Path) -> Path:
     return out_hf
 
 
+WAYS = ("edge-mote", "llama-quantize", "llama-quantize + fsync")
+
+
+def time_quantize(src: Path, work: Path, rounds: int, qtype: str = "Q4_K_M", threads: int = 2) -> dict:
+    """Wall seconds per way (module doc), interleaved rounds with a rotating order, one warm-up run each."""
+    import os
+
+    from edge_mote.runtime.native import tool
+
+    exe = str(tool("llama-quantize"))
+    em = str(Path(sys.executable).parent / "edge-mote")
+    # as installed: byte-code caches written (by the warm-up run) and used; PYTHONDONTWRITEBYTECODE=1 in the
+    # environment would recompile every edge-mote module from source on each run (~0.25 s on this machine)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+    def once(way: str) -> float:
+        target = work / f"t-{way.replace(' ', '')}.gguf"
+        os.sync()
+        t0 = time.perf_counter()
+        if way == "edge-mote":
+            res = subprocess.run([em, "quantize", str(src), str(target), "--type", qtype, "--threads", str(threads),
+                                  "--json"], capture_output=True, text=True, env=env)
+        else:
+            res = subprocess.run([exe, str(src), str(target), qtype, str(threads)], capture_output=True, text=True)
+            if res.returncode == 0 and way.endswith("fsync"):
+                fd = os.open(target, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        dt = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise SystemExit(res.stderr[-2000:])
+        target.unlink()
+        return dt
+
+    times: dict = {w: [] for w in WAYS}
+    for w in WAYS:
+        once(w)  # warm-up: page cache, first exec
+    for rnd in range(rounds):
+        order = WAYS[rnd % len(WAYS):] + WAYS[:rnd % len(WAYS)]
+        for w in order:
+            times[w].append(once(w))
+            print(f"time {src.name} round {rnd} {w}: {times[w][-1]:.2f} s", file=sys.stderr)
+    return times
+
+
+def print_times(name: str, t: dict) -> None:
+    em, lq = statistics.median(t["edge-mote"]), statistics.median(t["llama-quantize"])
+    lqf = statistics.median(t["llama-quantize + fsync"])
+    ratios = [b / a for a, b in zip(t["edge-mote"], t["llama-quantize"])]
+    print(f"| {name} | {t['bytes'] / 2**20:.1f} | {SC.median_spread(t['edge-mote'])} | "
+          f"{SC.median_spread(t['llama-quantize'])} | {SC.median_spread(t['llama-quantize + fsync'])} | "
+          f"**{lq / em:.3f}x** (per round {min(ratios):.3f}-{max(ratios):.3f}) | {lqf / em:.3f}x |")
+
+
+def print_times_header() -> None:
+    print("| input file | MiB | edge-mote quantize s | llama-quantize s | llama-quantize + fsync s "
+          "| speed ratio (llama-quantize / edge-mote) | ratio vs llama-quantize + fsync |")
+    print("|---|---|---|---|---|---|---|")
+
+
+def bench_file_times(args, work: Path) -> dict:
+    from bench_steering import bench_model
+
+    src = bench_model(False)
+    t = time_quantize(src, work, args.time_rounds)
+    t["bytes"] = src.stat().st_size
+    t["file"] = src.name
+    return t
+
+
 def profile_effect(gguf, ranking, bset, cset, random_trials, max_new) -> dict:
     import edge_mote
     from edge_mote.api import prepare_prompts
@@ -96,18 +177,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--random-trials", type=int, default=3)
     ap.add_argument("--max-new", type=int, default=8)
-    ap.add_argument("--time-rounds", type=int, default=3)
+    ap.add_argument("--time-rounds", type=int, default=5)
+    ap.add_argument("--time-only", action="store_true", help="only the wall-time comparison on the bench model")
     ap.add_argument("--scan", action="store_true", help="rank by an fTRI scan of the training sets (as the demo) "
                     "instead of the planted refusal experts")
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args(argv)
+
+    if args.time_only:
+        with tempfile.TemporaryDirectory(prefix="bench-quantize-") as d:
+            t = bench_file_times(args, Path(d))
+        print(f"machine: {SC.machine()}")
+        print_times_header()
+        print_times(f"bench model {t['file']} (F16)", t)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"times": {"bench_model": t}}, indent=1))
+        return 0
 
     import numpy as np
 
     from edge_mote.api import add_profile, scan_ranking, steering_from_ranking
     from edge_mote.conversion import convert_hf_to_gguf
     from edge_mote.ftri.scan import scan_and_write
-    from edge_mote.runtime.native import tool, vendored_llama_cpp
+    from edge_mote.runtime.native import vendored_llama_cpp
     from edge_mote.ship.inspect import inspect_tensors
     from edge_mote.ship.quantize import quantize_model
 
@@ -143,24 +235,8 @@ def main(argv=None) -> int:
             files[name] = quantize_model(f32, work / f"{name.replace(' ', '-')}.gguf", qtype, recipe=recipe,
                                          n_threads=2).output
 
-        # wall time: edge-mote quantize (whole command) vs llama-quantize on the same file, interleaved
-        times = {"edge-mote": [], "llama-quantize": []}
-        exe = [str(tool("llama-quantize"))]
-        for rnd in range(args.time_rounds):
-            for way in (list(times) if rnd % 2 == 0 else list(reversed(times))):
-                target = work / f"t-{way}.gguf"
-                t0 = time.perf_counter()
-                if way == "edge-mote":
-                    res = subprocess.run([str(Path(sys.executable).parent / "edge-mote"), "quantize", str(f32),
-                                          str(target), "--type", "Q4_K_M", "--threads", "2", "--json"],
-                                         capture_output=True, text=True)
-                else:
-                    res = subprocess.run(exe + [str(f32), str(target), "Q4_K_M", "2"], capture_output=True, text=True)
-                times[way].append(time.perf_counter() - t0)
-                if res.returncode != 0:
-                    raise SystemExit(res.stderr[-2000:])
-                target.unlink()
-        out["times"] = times
+        out["times"] = {"organism": time_quantize(f32, work, args.time_rounds)}
+        out["times"]["organism"]["bytes"] = f32.stat().st_size
 
         ref = SC.run_model(f32, ctrl, routing=True)
         rows = []
@@ -177,6 +253,7 @@ def main(argv=None) -> int:
                          "routing_fidelity": SC.routing_fidelity(ref, test), **eff})
             print(json.dumps(rows[-1]), file=sys.stderr)
         out["rows"] = rows
+        out["times"]["bench_model"] = bench_file_times(args, work)
 
     print(f"machine: {out['machine']}")
     print(f"widened organism (hidden {HIDDEN}, expert width {FFN}): max |logit diff| vs the organism "
@@ -194,9 +271,10 @@ def main(argv=None) -> int:
               f"{r['kl_first']:.4f} / {r['kl_answer']:.4f} | {r['ppl']:.3f} | {r['routing_fidelity']:.3f} | "
               f"{r['unsteered']:.0%} -> {r['profile']:.0%} ({r['random']:.0%}) | {kept:.0%} | "
               f"{r['profile_kl_first']:.4f} |")
-    em, lq = statistics.median(out["times"]["edge-mote"]), statistics.median(out["times"]["llama-quantize"])
-    print(f"\nquantize Q4_K_M wall time: edge-mote quantize {SC.median_spread(out['times']['edge-mote'])} s, "
-          f"llama-quantize {SC.median_spread(out['times']['llama-quantize'])} s: speed ratio {lq / em:.2f}x")
+    print(f"\nquantize Q4_K_M wall time, 2 threads, {args.time_rounds} interleaved rounds, medians [range]:")
+    print_times_header()
+    print_times(f"bench model {out['times']['bench_model']['file']} (F16)", out["times"]["bench_model"])
+    print_times("widened organism (F32)", out["times"]["organism"])
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -32,6 +32,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,17 +269,47 @@ def run_llama_quantize(src: Path, dst: Path, qtype: str, *, type_file: Path | No
     if n_threads:
         cmd.append(str(n_threads))
     tail: list[str] = []
+    stop = threading.Event()
+    flusher = threading.Thread(target=_write_back, args=(dst, stop), daemon=True, name="edge-mote-writeback")
     with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace", bufsize=1) as proc:
-        for line in proc.stdout:
-            tail.append(line)
-            del tail[:-40]
-            if bar is not None and (m := _PROGRESS_RE.match(line.strip())):
-                bar.update((tensor_bytes or {}).get(m.group(3), 0))
-        rc = proc.wait()
+        flusher.start()
+        try:
+            for line in proc.stdout:
+                tail.append(line)
+                del tail[:-40]
+                if bar is not None and (m := _PROGRESS_RE.match(line.strip())):
+                    bar.update((tensor_bytes or {}).get(m.group(3), 0))
+            rc = proc.wait()
+        finally:
+            stop.set()
+            flusher.join()
     if rc != 0:
         why = next((l.strip() for l in reversed(tail) if "error" in l.lower() or "failed" in l.lower()), None)
         raise EdgeMoteError(f"llama-quantize failed (exit status {rc}): {why or _last_line(''.join(tail))}")
+
+
+def _write_back(path: Path, stop: threading.Event, interval: float = 0.5, step: int = 16 << 20) -> None:
+    """While llama-quantize writes ``path``, push what it wrote to disk (``fdatasync`` every ``step`` new bytes) so
+    that the output's final fsync (atomic_output: the file is durable before it is renamed into place) has little
+    left to do: the disk works while the quantizer computes instead of after it. Best effort: errors are ignored
+    (the final fsync reports them)."""
+    fd = None
+    try:
+        flushed = 0
+        while not stop.wait(interval):
+            try:
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                size = os.fstat(fd).st_size
+                if size - flushed >= step:
+                    os.fdatasync(fd)
+                    flushed = size
+            except OSError:
+                return
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def check_metadata_kept(src_index, out_index) -> None:
