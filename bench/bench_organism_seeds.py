@@ -15,7 +15,7 @@ For every seed, the same workflow as ``edge-mote demo`` (edge_mote/demo.py), wit
    as the demo does) -> ``work/seed-S/scan-causalK.json``;
 3. evaluate the scan's ranking on the held-out sets with ``edge_mote.evaluate.protocol.evaluate`` (top-N and
    random-N, OFF and ON, greedy, 16 new tokens, ``--random-trials`` draws) -> ``work/seed-S/eval-*.json``
-   (cached by organism hash and settings); where the statistical ranking alone (no causal check) picks other
+   (cached by organism hash, settings and the top-N picks); where the statistical ranking alone (no causal check) picks other
    top-N experts, those are evaluated too (OFF and ON, no random draws), for comparison.
 
 Per seed and N it reports the experts stage 2 trained (``meta.json``), the statistical top-N with its OFF refusal
@@ -75,16 +75,6 @@ def train(seed: int, work: Path):
         return organism_builder()(d / "organism", seed=seed, progress=False)
 
 
-def cached_eval(d: Path, digest: str, tops: tuple[int, ...], random_trials: int, max_new: int,
-                causal: int) -> dict | None:
-    """An earlier evaluation of this organism with the same settings and at least these N values."""
-    for f in sorted(d.glob(f"eval-{digest[:16]}-top*-r{random_trials}-n{max_new}-c{causal}.json")):
-        done = {int(n) for n in f.name.split("-top")[1].split("-r")[0].split("_")}
-        if set(tops) <= done:
-            return json.loads(f.read_text())
-    return None
-
-
 def run_seed(seed: int, work: Path, tops: tuple[int, ...], random_trials: int, max_new: int, causal: int,
              n_threads: int) -> dict:
     import edge_mote
@@ -98,23 +88,26 @@ def run_seed(seed: int, work: Path, tops: tuple[int, ...], random_trials: int, m
     org = train(seed, work)
     secs = {"organism": time.perf_counter() - t}
     digest = org.meta["recipe_hash"]
-    key = f"{digest[:16]}-top{'_'.join(map(str, tops))}-r{random_trials}-n{max_new}-c{causal}"
-    cached = d / f"eval-{key}.json"
-    found = cached_eval(d, digest, tops, random_trials, max_new, causal)
-    if found is not None:
-        return found
-
     t = time.perf_counter()
     scan_json = d / f"scan-causal{causal}.json"
     result = scan_and_write(org.gguf, org.sets["behavior_train"], org.sets["control_train"], scan_json,
                             tokens="decision", top=10, progress=False, n_threads=n_threads, causal=causal)
-    top = [{k: rec[k] for k in ("layer", "expert", "rd", "z", "dw", "stability", "effect") if k in rec}
+    top = [{k: rec[k] for k in ("layer", "expert", "rd", "z", "dw", "stability", "effect", "score") if k in rec}
            for rec in result.top(5)]
     statistical = result.stats.ranking()  # the ranking without the causal check
     secs["scan"] = time.perf_counter() - t
 
-    t = time.perf_counter()
     ranking, _ = scan_ranking(scan_json)  # what the demo uses: with the causal check when causal > 0
+    picks = "_".join(",".join(f"{l}.{e}" for l, e in sorted(tuple(x) for x in r[:n])) for r in (ranking, statistical)
+                     for n in tops)
+    key = f"{digest[:16]}-top{'_'.join(map(str, tops))}-r{random_trials}-n{max_new}-{picks}"
+    cached = d / f"eval-{key}.json"
+    if cached.exists():  # the evaluation depends on the organism, the settings and the top-N picks only
+        out = json.loads(cached.read_text())
+        out.update(top=top, ranking=ranking[:10], statistical=[tuple(x) for x in statistical[:10]])
+        return out
+
+    t = time.perf_counter()
     with edge_mote.load(org.gguf, n_ctx=512, n_threads=n_threads) as m:
         b = prepare_prompts(m, load_prompts(org.sets["behavior_heldout"]))
         c = prepare_prompts(m, load_prompts(org.sets["control_heldout"]))
@@ -194,10 +187,11 @@ def markdown(results: list[dict], tops: tuple[int, ...]) -> str:
                          f"{r['base']:.2f} | {r['off']:.2f} | {r['cut']:.0%} | {r['random_cut']:.0%} | "
                          f"{r['compliant']:.2f} | {r['kl_first']:.3f} | {r['on_false']:.2f} | "
                          f"{r['random_on_false']:.2f} | {verdict} |")
-    lines += ["", "Scan top-5 per seed (layer:expert, risk difference, causal effect):", ""]
+    lines += ["", "Scan top-5 per seed (layer:expert, risk difference, causal effect and score = rd x effect):", ""]
     for res in results:
         lines.append(f"- seed {res['seed']}: " + ", ".join(
-            f"{t['layer']}:{t['expert']} rd {t['rd']:.2f}" + (f" effect {t['effect']:.3g}" if "effect" in t else "")
+            f"{t['layer']}:{t['expert']} rd {t['rd']:.2f}"
+            + (f" effect {t['effect']:.3g} score {t['score']:.3g}" if "score" in t else "")
             for t in res["top"]))
     lines += ["", "Spread over seeds (min / median / max):", "",
               "| N | statistical top-N OFF refusal | top-N OFF cut | random-N OFF cut | compliant | "

@@ -27,8 +27,8 @@ _WINDOWS = ("prompt", "decision", "response", "all")  # edge_mote.ftri.scan.WIND
 @click.option("--raw", is_flag=True, help="Use the prompts as raw text (no chat template).")
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Experts to show.")
 @click.option("--causal", type=click.IntRange(0), default=0, show_default=True, metavar="K",
-              help="Causal check: re-rank the top K candidates by the measured effect of switching each one OFF "
-                   "on the decision (KL at the decision position, behaviour minus control prompts).")
+              help="Causal check: re-rank the top K candidates by rd x the measured effect of switching each one "
+                   "OFF on the decision (KL at the decision position, behaviour minus control prompts).")
 @json_option
 @load_options
 def scan(model, behavior, control, out, tokens, max_new, heatmap, html, raw, top, causal, as_json, n_ctx, n_threads,
@@ -59,7 +59,7 @@ def scan(model, behavior, control, out, tokens, max_new, heatmap, html, raw, top
     for r in rows:
         click.echo(f"{r['rank']:>4}  {str(r['layer']) + ':' + str(r['expert']):<9} {r['p1']:>6.3f} {r['p2']:>6.3f} "
                    f"{r['rd']:>+7.3f} {r['z']:>7.2f} {r['dw']:>+7.3f} {r['stability']:>5.2f}"
-                   + (f"  effect {r['effect']:+.3f}" if "effect" in r else ""))
+                   + (f"  causal score {r['score']:+.3f}" if "score" in r else ""))
     jac = ", ".join(f"top-{n} {v:.2f}" for n, v in stab.jaccard_mean.items())
     click.echo(f"stability: mean Jaccard vs full ranking over {stab.n_boot} bootstrap resamples: {jac}; "
                f"stab = share of resamples with the expert in the top-{stab.freq_top}", err=True)

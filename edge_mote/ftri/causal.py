@@ -9,10 +9,15 @@ and the wrong pair leaves most of the refusal in place). The causal check measur
 
     effect = mean KL(unsteered || expert OFF) of the next-token distribution at the decision position (the last
              prompt token) over behaviour prompts  -  the same mean over control prompts
+    score  = rd x effect
 
 i.e. how much switching the expert OFF moves the model's decision on the behaviour, beyond what it moves on
-everything else. The candidates are re-ordered by effect (largest first; effects equal to 6 decimals tie and keep the
-statistical order, as batched decodes differ by ~1e-9 in KL), the
+everything else, weighted by how much more often the behaviour selects it (its risk difference): an expert that
+every prompt selects (rd ~ 0) and whose removal disrupts everything is not the behaviour's carrier even if the
+disruption is larger on behaviour prompts (organism seed 1: layer 0's expert 0:3, rd 0.02, effect 0.39 with KL 0.29
+on control prompts, ranked second by effect alone; switched OFF with the top one it cut refusal to 0 but cost a
+first-token KL of 0.36 on neutral prompts). The candidates are re-ordered by score (largest first; scores equal to 6
+decimals tie and keep the statistical order, as batched decodes differ by ~1e-9 in KL), the
 experts below them keep their statistical order. Cost: ``(k + 1) x`` one prompt pass over ``causal_prompts`` (64) prompts of
 each set (evenly spaced through the set), on the Model's batched decode surface.
 """
@@ -38,6 +43,7 @@ class CausalCheck:
     """The measured effect of switching each candidate OFF alone (see the module docstring)."""
 
     candidates: tuple[tuple[int, int], ...]     # (layer, expert), in the statistical order
+    rd: tuple[float, ...]                       # their risk differences
     kl_behavior: tuple[float, ...]
     kl_control: tuple[float, ...]
     n_behavior: int                             # prompts measured per set
@@ -47,10 +53,14 @@ class CausalCheck:
     def effect(self) -> tuple[float, ...]:
         return tuple(b - c for b, c in zip(self.kl_behavior, self.kl_control))
 
+    @property
+    def score(self) -> tuple[float, ...]:
+        return tuple(r * ef for r, ef in zip(self.rd, self.effect))
+
     def order(self) -> list[tuple[int, int]]:
-        """The candidates, largest effect first (ties: statistical order)."""
-        eff = self.effect
-        idx = sorted(range(len(self.candidates)), key=lambda i: (-round(eff[i], TIE_DECIMALS), i))
+        """The candidates, largest score first (ties: statistical order)."""
+        sc = self.score
+        idx = sorted(range(len(self.candidates)), key=lambda i: (-round(sc[i], TIE_DECIMALS), i))
         return [self.candidates[i] for i in idx]
 
     def record(self, layer: int, expert: int) -> dict[str, float] | None:
@@ -58,15 +68,17 @@ class CausalCheck:
             i = self.candidates.index((layer, expert))
         except ValueError:
             return None
-        return {"effect": self.effect[i], "kl_behavior": self.kl_behavior[i], "kl_control": self.kl_control[i]}
+        return {"effect": self.effect[i], "score": self.score[i], "kl_behavior": self.kl_behavior[i],
+                "kl_control": self.kl_control[i]}
 
     def to_dict(self) -> dict[str, Any]:
         return {"k": len(self.candidates), "n_behavior": self.n_behavior, "n_control": self.n_control,
-                "measure": "mean KL(unsteered || OFF) at the decision position, behaviour minus control",
-                "candidates": [{"layer": l, "expert": e, "effect": float(f"{ef:.9g}"),
+                "measure": "effect = mean KL(unsteered || OFF) at the decision position, behaviour minus control; "
+                           "score = rd x effect",
+                "candidates": [{"layer": l, "expert": e, "score": float(f"{s:.9g}"), "effect": float(f"{ef:.9g}"),
                                 "kl_behavior": float(f"{b:.9g}"), "kl_control": float(f"{c:.9g}")}
-                               for (l, e), ef, b, c in zip(self.candidates, self.effect, self.kl_behavior,
-                                                            self.kl_control)]}
+                               for (l, e), s, ef, b, c in zip(self.candidates, self.score, self.effect,
+                                                               self.kl_behavior, self.kl_control)]}
 
 
 def subsample(items: Sequence, n: int) -> list:
@@ -96,9 +108,11 @@ def _decision_kl(model, prompts: list[list[int]], candidates: Sequence[tuple[int
 
 
 def causal_check(model, behavior: list[list[int]], control: list[list[int]],
-                 candidates: Sequence[tuple[int, int]]) -> CausalCheck:
-    """Measure each candidate's effect (prompts as token lists; see the module docstring)."""
+                 candidates: Sequence[tuple[int, int]], rd: Sequence[float]) -> CausalCheck:
+    """Measure each candidate's effect (prompts as token lists; ``rd``: the candidates' risk differences; see the
+    module docstring)."""
     candidates = [(int(l), int(e)) for l, e in candidates]
     kb = _decision_kl(model, behavior, candidates)
     kc = _decision_kl(model, control, candidates)
-    return CausalCheck(tuple(candidates), tuple(kb), tuple(kc), len(behavior), len(control))
+    return CausalCheck(tuple(candidates), tuple(float(r) for r in rd), tuple(kb), tuple(kc), len(behavior),
+                       len(control))

@@ -23,9 +23,10 @@ scan.json, schema ``edge-mote.scan/1`` (a JSON object; numbers are plain JSON nu
     ranking       order ("rd desc, z desc, dw desc, layer asc, expert asc"), n_total (all experts), entries: the
                   best max(100, --top) experts (all if fewer), best first: rank (1-based), layer, expert, p1, p2,
                   rd, z, dw, stability (fraction of bootstrap resamples with the expert in their top-10);
-                  with the causal check (``--causal K``): its top-K candidates come first, ordered by effect, their
-                  entries carry ``effect``, the order string says so, and ``causal`` holds k, n_behavior,
-                  n_control, measure and per candidate layer, expert, effect, kl_behavior, kl_control
+                  with the causal check (``--causal K``): its top-K candidates come first, ordered by score (rd x
+                  effect), their entries carry ``effect`` and ``score``, the order string says so, and ``causal``
+                  holds k, n_behavior, n_control, measure and per candidate layer, expert, score, effect,
+                  kl_behavior, kl_control
     stability     n_boot, seed, unit ("prompt": prompts are resampled), top_n [N...], jaccard_mean {"N": mean
                   Jaccard overlap of the bootstrap top-N with the full-data top-N}, jaccard_std {"N": ...},
                   freq_top (10), top_frequency [{layer, expert, frequency}] for experts that reached a bootstrap
@@ -112,11 +113,12 @@ def scan_document(result: Any, *, top: int = 100, full_hash: bool = False) -> di
             experts.append({k: (_r(v) if isinstance(v, float) else v) for k, v in rec.items()})
     entries = [{"rank": r["rank"], "layer": r["layer"], "expert": r["expert"], "p1": _r(r["p1"]), "p2": _r(r["p2"]),
                 "rd": _r(r["rd"]), "z": _r(r["z"]), "dw": _r(r["dw"]), "stability": _r(r["stability"]),
-                **({"effect": _r(r["effect"])} if "effect" in r else {})}
+                **({"effect": _r(r["effect"]), "score": _r(r["score"])} if "effect" in r else {})}
                for r in result.top(max(100, int(top)))]
     causal = getattr(result, "causal", None)
     order = RANKING_ORDER if causal is None else (
-        f"causal effect desc for the top {len(causal.candidates)} by {RANKING_ORDER} (edge_mote.ftri.causal), "
+        f"causal score (rd x effect) desc for the top {len(causal.candidates)} by {RANKING_ORDER} "
+        f"(edge_mote.ftri.causal), "
         f"then {RANKING_ORDER}")
     prompts = []
     for pr in result.prompts:

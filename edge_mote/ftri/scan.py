@@ -102,7 +102,7 @@ class ScanResult:
 
     def top(self, n: int | None = None) -> list[dict]:
         """The best ``n`` experts (all if None) as records with ``rank`` and bootstrap ``stability`` (top-10 freq);
-        with the causal check, its ``effect`` (``kl_behavior``, ``kl_control``) on the candidates."""
+        with the causal check, its ``score``, ``effect`` (``kl_behavior``, ``kl_control``) on the candidates."""
         st = self.stats
         order = self.order()
         if n is not None:
@@ -220,7 +220,7 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
     ``tokens`` is the window (``prompt``, ``decision``, ``response``, ``all``); ``max_new`` bounds the greedy
     response (response/all). The steering in effect on ``model`` (e.g. the GGUF's default profile) applies and is
     recorded. A progress bar (tqdm, with tokens/s) is shown when ``progress`` and stderr is a terminal.
-    ``causal`` > 0: re-rank the statistical top ``causal`` candidates (positive risk difference) by the measured
+    ``causal`` > 0: re-rank the statistical top ``causal`` candidates (positive risk difference) by rd x the measured
     effect of switching each OFF on the decision, on up to ``causal_prompts`` prompts per set
     (``edge_mote.ftri.causal``).
     """
@@ -256,7 +256,7 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
         if cands:
             toks = [[_tokens_for(model, item, template, raw)[0] for item in subsample(list(s), causal_prompts)]
                     for s in (bset, cset)]
-            check = causal_check(model, toks[0], toks[1], cands)
+            check = causal_check(model, toks[0], toks[1], cands, [stats.rd[row[l], e] for l, e in cands])
     warnings = []
     if state["fallback"]:
         warnings.append(f"{Path(model.info.path).name} has no chat template (tokenizer.chat_template): "

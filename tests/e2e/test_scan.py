@@ -335,8 +335,8 @@ def test_cli_profile_from_scan_add_list_run_rm(edge_mote_exe, planted, prompt_fi
 
 
 def test_causal_check_reranks_the_candidates_by_their_effect(planted, prompt_files, tmp_path):
-    """``causal=K``: the statistical top K, each switched OFF alone, re-ordered by the decision KL on behaviour
-    prompts minus control prompts. The planted experts act only at the trigger: effect > 0, none on control."""
+    """``causal=K``: the statistical top K, each switched OFF alone, re-ordered by rd x (the decision KL on behaviour
+    prompts minus control prompts). The planted experts act only at the trigger: effect > 0, none on control."""
     b, c = prompt_files
     with edge_mote.load(planted, n_ctx=128, n_threads=1) as m:
         r = run_scan(m, b, c, tokens="decision", raw=True, progress=False, n_boot=20, causal=len(planted_pairs()))
@@ -350,11 +350,11 @@ def test_causal_check_reranks_the_candidates_by_their_effect(planted, prompt_fil
     assert order[3:] == [p for p in check.candidates if p not in heavy_pairs()]  # noise-level effects tie
     top = r.top(len(planted_pairs()))
     assert [(x["layer"], x["expert"]) for x in top] == check.order()
-    assert [x["effect"] for x in top] == sorted((x["effect"] for x in top), reverse=True)
+    assert [round(x["score"], 6) for x in top] == sorted((round(x["score"], 6) for x in top), reverse=True)
     doc = r.to_dict()
     write_scan(doc, tmp_path / "scan.json", inputs=[planted, b, c])
     back = load_scan(tmp_path / "scan.json")
     entries = back["ranking"]["entries"]
     assert [(e["layer"], e["expert"]) for e in entries[: len(top)]] == check.order()
-    assert "effect" in entries[0] and "effect" not in entries[len(top)]
-    assert back["ranking"]["causal"]["k"] == len(top) and back["ranking"]["order"].startswith("causal effect")
+    assert "score" in entries[0] and "effect" in entries[0] and "effect" not in entries[len(top)]
+    assert back["ranking"]["causal"]["k"] == len(top) and back["ranking"]["order"].startswith("causal score")

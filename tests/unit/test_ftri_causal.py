@@ -37,7 +37,7 @@ class FakeModel:
 def test_effect_orders_the_candidates():
     behaviour = [[1, 7, 8], [1, 9]]
     control = [[2, 7, 8], [3, 4, 5, 6]]
-    c = causal_check(FakeModel(), behaviour, control, [(0, 0), (2, 3), (1, 0)])
+    c = causal_check(FakeModel(), behaviour, control, [(0, 0), (2, 3), (1, 0)], [1.0, 1.0, 0.5])
     assert c.candidates == ((0, 0), (2, 3), (1, 0))
     eff = dict(zip(c.candidates, c.effect))
     assert eff[(0, 0)] == 0.0
@@ -50,8 +50,17 @@ def test_effect_orders_the_candidates():
 
 
 def test_ties_keep_the_statistical_order():
-    c = CausalCheck(((3, 1), (2, 2), (1, 3)), (0.5, 0.5, 0.9), (0.0, 0.0, 0.0), 4, 4)
+    c = CausalCheck(((3, 1), (2, 2), (1, 3)), (1.0, 1.0, 1.0), (0.5, 0.5, 0.9), (0.0, 0.0, 0.0), 4, 4)
     assert c.order() == [(1, 3), (3, 1), (2, 2)]
+
+
+def test_the_score_weighs_the_effect_by_the_risk_difference():
+    """An expert every prompt selects (rd ~ 0) whose removal disrupts everything, more so on behaviour prompts,
+    does not overtake a specific carrier with a smaller effect (organism seed 1's 0:3 and 1:1)."""
+    c = CausalCheck(((3, 10), (2, 6), (1, 1), (0, 3)), (1.0, 1.0, 1.0, 0.02), (5.2, 0.098, 0.30, 0.68),
+                    (0.0, 0.0, 0.0, 0.29), 64, 64)
+    assert c.order() == [(3, 10), (1, 1), (2, 6), (0, 3)]
+    assert max(range(4), key=lambda i: c.effect[i] if i else -1) == 3  # by effect alone 0:3 would come second
 
 
 def test_subsample_is_even_and_deterministic():
