@@ -9,7 +9,7 @@ one run, rounds interleaved -- issue #11's "≥ 3x faster than the evaluation be
     .venv/bin/python bench/bench_eval_before_after.py --before-src /tmp/before \
         --before-lib /tmp/before-cache/build-<hash>/cmake-build/bin [--rounds 1] [--top 2,4]
 
-Not run yet (2026-12-06: the machine was too busy for the earlier build and two full evaluations in one session).
+Run on 2026-12-06 (BENCHMARKS.md, per-sequence steering section).
 Each evaluation runs in a child process (the earlier tree on PYTHONPATH, its libllama through LLAMA_CPP_LIB_PATH).
 Prints both times, the ratio and whether the printed tables (the demo's 2-3 decimals) are identical, and where not.
 """
