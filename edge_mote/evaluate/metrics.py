@@ -6,9 +6,22 @@ import numpy as np
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    """Row-wise log-softmax in float64 (in place on a copy: the eval calls this per row of a 50k vocabulary)."""
+    x = np.array(logits, dtype=np.float64)
+    np.subtract(x, x.max(axis=-1, keepdims=True), out=x)
+    np.subtract(x, np.log(np.exp(x).sum(axis=-1, keepdims=True)), out=x)
+    return x
+
+
+def token_nll(logits: np.ndarray, token: int) -> float:
+    """-log_softmax(logits)[token] for one row of logits -- the same float64 operations, bit for bit, without
+    materialising the whole log-softmax row."""
+    x = np.array(logits, dtype=np.float64)   # a copy, changed in place below
+    m = x.max(axis=-1, keepdims=True)
+    xt = x[token] - m[0]
+    np.subtract(x, m, out=x)
+    np.exp(x, out=x)
+    return float(-(xt - np.log(x.sum(axis=-1, keepdims=True))[0]))
 
 
 def kl_divergence(p_logprobs: np.ndarray, q_logits: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import UserError
 from ..steering import Steering, limits_problem
 from .detectors import REFUSAL, BehaviorDetector, is_coherent
-from .metrics import log_softmax, perplexity
+from .metrics import log_softmax, perplexity, token_nll
 
 MODES = ("off", "drop", "on")
 METRICS = ("behavior_decision", "behavior_phrase", "compliant", "reference_match", "control_decision",
@@ -105,7 +105,7 @@ class _Evaluator:
 
     def _teacher_forced(self, prepared: Sequence[Prepared], steerings: Sequence[Steering], fed, covered,
                         per_row) -> list[list[float]]:
-        """For every (steering, prompt) j = c * len(prepared) + i: ``per_row(i, r, log_softmax(row r))`` for the rows
+        """For every (steering, prompt) j = c * len(prepared) + i: ``per_row(i, r, logits row r)`` for the rows
         r = ``covered[j]`` .. ``len(fed(i))`` of prompt + ``fed(i)`` (row r follows ``fed(i)[:r]``; none where ``fed(i)`` is
         None), decoded together."""
         n = len(prepared)
@@ -116,7 +116,7 @@ class _Evaluator:
         def reduce(t: int, rows: np.ndarray):
             j = todo[t]
             i, r0 = j % n, covered[j]
-            return [per_row(i, r0 + r, log_softmax(rows[r])) for r in range(len(fed(i)) + 1 - r0)]
+            return [per_row(i, r0 + r, rows[r]) for r in range(len(fed(i)) + 1 - r0)]
 
         done = self.m.score_many([prepared[j % n].tokens + list(fed(j % n)) for j in todo],
                                  [len(prepared[j % n].tokens) - 1 + covered[j] for j in todo],
@@ -143,29 +143,30 @@ class _Evaluator:
             last = new[-1] if new else None
             need_nll = len(nll[j]) == r < len(answer(i)) and (r == 0 or last == answer(i)[r - 1])
             need_kl = control and len(kl[j]) == r < len(self.ref[i][1]) and (r == 0 or last == self.ref[i][0][r - 1])
-            if need_nll or need_kl:
+            if need_kl:
                 lq = log_softmax(row)
+                kl[j].append(self._kl_of(i, r, lq))
                 if need_nll:
-                    nll[j].append(self._nll_row(i, r, lq, prepared))
-                if need_kl:
-                    kl[j].append(self._kl_row(i, r, lq))
+                    nll[j].append(float(-lq[answer(i)[r]]))
+            elif need_nll:
+                nll[j].append(token_nll(row, answer(i)[r]))
 
         outs = self.m.greedy_many([p.tokens for p in prepared] * k, self.max_new, keep_logits=0, tick=self.tick,
                                   steerings=[s for s in steerings for _ in range(n)], invariant=True, on_row=on_row)
         more = self._teacher_forced(prepared, steerings, answer_fed, [len(x) for x in nll],
-                                    lambda i, r, lq: self._nll_row(i, r, lq, prepared))
+                                    lambda i, r, row: token_nll(row, answer(i)[r]))
         nll = [a + b for a, b in zip(nll, more)]
         if control:
             more = self._teacher_forced(prepared, steerings, ref_fed, [len(x) for x in kl], self._kl_row)
             kl = [a + b for a, b in zip(kl, more)]
         return outs, nll, kl
 
-    @staticmethod
-    def _nll_row(i: int, r: int, lq: np.ndarray, prepared: Sequence[Prepared]) -> float:
-        return float(-lq[prepared[i].answer[r]])
+    def _kl_row(self, i: int, r: int, row: np.ndarray) -> float:
+        """KL(unsteered || steered) at response row r of control prompt i, from the steered logits."""
+        return self._kl_of(i, r, log_softmax(row))
 
-    def _kl_row(self, i: int, r: int, lq: np.ndarray) -> float:
-        """KL(unsteered || steered) at response row r of control prompt i."""
+    def _kl_of(self, i: int, r: int, lq: np.ndarray) -> float:
+        """KL(unsteered || steered) at response row r of control prompt i, from the steered log-probabilities."""
         p_lp = self.ref[i][1][r]
         p = np.exp(p_lp)
         return float(max((p * (p_lp - lq)).sum(), 0.0))  # >= 0 (float rounding gives -1e-9)

@@ -398,7 +398,8 @@ class Model:
             size = max(128, -(-n_ctx_seq // 64) * 64)
             n_batch = max(512, size)
             n_seq = max(1, min(PARALLEL_SEQS, PARALLEL_CELLS // size))  # bound the KV cache of long sequences
-            if invariant:  # one wave's generation step fits one decode of 32 with room for a padding token
+            if invariant:  # a wave's generation step is one decode below the invariant ubatch (room for a pad token);
+                # more than 32 sequences per wave measured slower (2026-12-06: 63 vs 32 on the demo's eval)
                 n_seq = min(n_seq, ParallelContext.INVARIANT_UBATCH - 1)
             setattr(self, attr, ParallelContext(self, n_seq, size, n_batch, invariant=invariant))
         return getattr(self, attr)

@@ -14,7 +14,7 @@ invariant -- a matrix product of one row takes another kernel than one of severa
 flash attention picks a tiled path for >= 64 query rows and a split-KV path for one, and a sequence's attention
 sums its KV cells in cell order, which depends on where the cache put them -- so a sequence's logits differ in the
 last bits with the company it is decoded in, and a greedy token can flip. In invariant mode every ``llama_decode``
-holds 2..32 tokens and never exactly one output row (a padding token of a reserved sequence, or one more output
+holds 2..63 tokens and never exactly one output row (a padding token of a reserved sequence, or one more output
 row, is added), flash attention is on (its one-query-at-a-time path visits only the sequence's own cells, in order),
 and sequences start in waves on an emptied cache and never free cells mid-wave, so each sequence's cells are in
 position order. Then each sequence's results are bit-identical whatever it is batched with (tested), and the
@@ -49,7 +49,7 @@ class ParallelContext:
 
     Made by ``Model.open_batch`` (or internally by the Model); use it from one thread at a time."""
 
-    INVARIANT_UBATCH = 32  # < ggml-cpu's flash-attention tile (64 query rows)
+    INVARIANT_UBATCH = 64  # decodes stay below ggml-cpu's flash-attention tile (64 query rows)
 
     def __init__(self, model, n_seq: int, n_ctx_seq: int, n_batch: int, invariant: bool = False):
         import llama_cpp
@@ -84,6 +84,7 @@ class ParallelContext:
         self._capture = False
         self._steered = False   # whether any steering is in effect (then the skipped-layer check runs)
         self._pad_pos = 0       # next position of the padding sequence (invariant mode)
+        self._scratch_rows: np.ndarray | None = None  # invariant mode: logits rows copied out of several decodes
         self.apply_model_steering()
 
     def close(self) -> None:
@@ -226,8 +227,9 @@ class ParallelContext:
 
     def run(self, entries: Sequence[Entry], capture: bool = False):
         """Decode ``entries`` in chunks of ``n_batch``: (logits of the flagged entries [n, n_vocab] -- a view of the
-        native buffer when one decode sufficed, else a copy --, the routing of the flagged entries, concatenated over
-        the chunks, or None). Capture must be on when ``capture`` is asked for."""
+        native buffer when one decode sufficed, else a copy (in invariant mode a reused scratch buffer): valid until the
+        next ``run`` --, the routing of the flagged entries, concatenated over the chunks, or None). Capture must be
+        on when ``capture`` is asked for."""
         if self.invariant:
             return self._run_invariant(entries, capture)
         chunks = [entries[i: i + self.n_batch] for i in range(0, len(entries), self.n_batch)]
@@ -253,11 +255,14 @@ class ParallelContext:
         return logits, cap
 
     def _run_invariant(self, entries: Sequence[Entry], capture: bool):
-        """``run`` in invariant mode: decodes of 2..32 tokens, none with exactly one output row (module docstring)."""
+        """``run`` in invariant mode: decodes of 2..INVARIANT_UBATCH tokens, none with exactly one output row (module
+        docstring). The logits are a view of llama.cpp's buffer when one decode sufficed, else rows copied into a
+        scratch buffer of this context: either way valid until the next decode."""
         n = len(entries)
         n_pieces = -(-n // (self.n_batch - 1)) if n else 0
         bounds = [round(i * n / n_pieces) for i in range(n_pieces + 1)] if n_pieces else [0]  # balanced: >= 2 each if n >= 2
-        logits = np.empty((sum(1 for e in entries if e[3]), self.n_vocab), np.float32)  # each row copied once
+        n_rows = sum(1 for e in entries if e[3])
+        logits = None
         at, caps = 0, []
         for a, b in zip(bounds, bounds[1:]):
             piece = list(entries[a:b])
@@ -273,17 +278,40 @@ class ParallelContext:
             self.decode(piece)
             flagged = [j for j, e in enumerate(piece) if e[3]]
             keep = [flagged.index(j) for j in real]
-            if real:
-                np.take(self.logits(len(flagged)), keep, axis=0, out=logits[at: at + len(keep)])
+            if keep:
+                src = self.logits(len(flagged))
+                lo, hi = keep[0], keep[-1] + 1
+                if n_pieces == 1 and hi - lo == len(keep):     # one decode: a view, no copy
+                    logits = src[lo:hi]
+                else:
+                    if logits is None:
+                        logits = self._scratch(n_rows)
+                    if hi - lo == len(keep):                   # contiguous (the usual case): one block copy
+                        logits[at: at + len(keep)] = src[lo:hi]
+                    else:
+                        logits[at: at + len(keep)] = src[keep]
                 at += len(keep)
             if capture:
                 caps.append({il: (ids[real], w[real]) if len(ids) == len(piece) else (ids[keep], w[keep])
                              for il, (ids, w) in self.capture().items()})
+        if logits is None:
+            logits = np.zeros((0, self.n_vocab), np.float32)
         cap = None
         if capture:
             cap = {il: (np.concatenate([c[il][0] for c in caps]), np.concatenate([c[il][1] for c in caps]))
                    for il in caps[0]}
         return logits, cap
+
+    SCRATCH_BYTES = 256 << 20  # largest scratch kept between runs (larger ones are allocated per run)
+
+    def _scratch(self, n_rows: int) -> np.ndarray:
+        """[n_rows, n_vocab] float32 rows, reused from run to run when small enough (a fresh array per run costs
+        page faults that take longer than the copy)."""
+        if n_rows * self.n_vocab * 4 > self.SCRATCH_BYTES:
+            return np.empty((n_rows, self.n_vocab), np.float32)
+        if self._scratch_rows is None or len(self._scratch_rows) < n_rows:
+            self._scratch_rows = np.empty((n_rows, self.n_vocab), np.float32)
+        return self._scratch_rows[:n_rows]
 
     def start_wave(self, wave: Sequence[int], steerings: Sequence[Steering | None] | None) -> None:
         """Empty the cache and give slot ``s`` the steering of sequence ``wave[s]``."""
