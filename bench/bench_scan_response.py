@@ -8,7 +8,9 @@ Model: a random Qwen3-MoE of ~260M parameters (8 layers, 64 experts, top-8, hidd
 with the build's llama-quantize; transformers runs the same weights in F32 (its CPU path). Both produce, for every
 generated token of every prompt, the experts each MoE layer selected. One process, 2 threads each, rounds
 interleaved (alternating which goes first); throughput = generated tokens / wall time; ratio per round, median and
-range. Target (issue #11): edge-mote >= 10x transformers + hooks.
+range. Target (issue #11): edge-mote >= 10x transformers + hooks. A third engine bounds what the scan can reach:
+the same Model's batched greedy decoding of the same prompts with no capture and no statistics (plain llama.cpp
+decodes, unsteered graph).
 """
 
 from __future__ import annotations
@@ -102,26 +104,42 @@ def main(argv=None) -> int:
             dt = time.perf_counter() - t0
             return sum(r.n_response_tokens or 0 for r in res.prompts), dt
 
-        run_em(), run_hf()  # warm-up
+        prompt_tokens = [m.encode_prompt(t) for t in texts]  # as the scan tokenizes raw prompts
+
+        def run_plain() -> tuple[int, float]:
+            t0 = time.perf_counter()
+            outs = m.greedy_many(prompt_tokens, args.new, keep_logits=0)
+            dt = time.perf_counter() - t0
+            return sum(len(new) for new, _ in outs), dt
+
+        run_em(), run_hf(), run_plain()  # warm-up
         rows = []
         for r in range(args.rounds):
-            order = [("em", run_em), ("hf", run_hf)] if r % 2 == 0 else [("hf", run_hf), ("em", run_em)]
+            order = [("em", run_em), ("hf", run_hf), ("plain", run_plain)]
+            order = order[r % 3:] + order[: r % 3]
             res = {}
             for name, fn in order:
                 n, dt = fn()
                 res[name] = (n, dt, n / dt)
             rows.append(res)
             print(f"round {r + 1}: edge-mote {res['em'][2]:.0f} tok/s ({res['em'][0]} tokens), "
-                  f"transformers+hooks {res['hf'][2]:.0f} tok/s ({res['hf'][0]} tokens)", file=sys.stderr)
+                  f"transformers+hooks {res['hf'][2]:.0f} tok/s ({res['hf'][0]} tokens), "
+                  f"plain batched decode {res['plain'][2]:.0f} tok/s ({res['plain'][0]} tokens)", file=sys.stderr)
     ratios = [row["em"][2] / row["hf"][2] for row in rows]
+    ceiling = [row["plain"][2] / row["hf"][2] for row in rows]
+    of_plain = [row["em"][2] / row["plain"][2] for row in rows]
     params = sum(p.numel() for p in hf_model.parameters()) / 1e6
     print(f"\nscan --tokens response --max-new {args.new}, {args.prompts} prompts, {args.threads} threads; "
           f"random Qwen3-MoE {params:.0f}M params ({gguf.stat().st_size / 1e6:.0f} MB Q4_K_M GGUF; transformers F32)\n")
     print("| engine | generated tok/s (median) |\n|---|---|")
     print(f"| edge-mote scan (batched, capture) | {statistics.median(r['em'][2] for r in rows):.0f} |")
     print(f"| transformers generate + router hooks | {statistics.median(r['hf'][2] for r in rows):.0f} |")
+    print(f"| plain batched greedy decode, no capture (same Model) | {statistics.median(r['plain'][2] for r in rows):.0f} |")
     print(f"\nratio edge-mote / transformers: {statistics.median(ratios):.2f} "
           f"(range {min(ratios):.2f}-{max(ratios):.2f}, {args.rounds} rounds); target >= 10")
+    print(f"ratio plain decode / transformers (the scan's ceiling): {statistics.median(ceiling):.2f} "
+          f"(range {min(ceiling):.2f}-{max(ceiling):.2f}); scan / plain decode: {statistics.median(of_plain):.2f} "
+          f"(range {min(of_plain):.2f}-{max(of_plain):.2f})")
     return 0
 
 

@@ -141,16 +141,10 @@ def _tokens_for(model: Any, item: PromptItem, template: ChatTemplate | None, raw
     return toks, r.templated, r.fallback
 
 
-def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int, template: ChatTemplate | None,
-              raw: bool, bar: Any, state: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[PromptRecord], int]:
-    """(counts, window tokens, gate-weight sums, records, prompt tokens) of one prompt set. Prompts are decoded
-    together on the Model's batched decode surface (greedy responses, then one routing pass)."""
-    info = model.info
-    layers = info.moe_layers
+def _set_prompts(model: Any, pset: PromptSet, window: str, max_new: int, template: ChatTemplate | None, raw: bool,
+                 state: dict) -> list[list[int]]:
+    """The tokens of every prompt of a set, checked against the context."""
     n_ctx = model.n_ctx
-    counts = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.int32)
-    wsum = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.float64)
-    ntok = np.zeros(len(pset), dtype=np.int64)
     prompts = []
     for item in pset:
         toks, templated, fallback = _tokens_for(model, item, template, raw)
@@ -161,7 +155,14 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
             raise UserError(f"{item.source}: {len(toks)} prompt tokens" + (f" + {max_new} new" if need > len(toks) else "")
                             + f" do not fit the context of {n_ctx}", hint="load with a larger --ctx")
         prompts.append(toks)
-    n_prompt_total = sum(len(t) for t in prompts)
+    return prompts
+
+
+def _decode(model: Any, prompts: list[list[int]], window: str, max_new: int, bar: Any,
+            state: dict) -> tuple[list[list[int] | None], list, list[np.ndarray]]:
+    """(greedy responses or None, routing traces, the window's rows of each trace) of prompts of both sets, decoded
+    together on the Model's batched decode surface (greedy responses, then one routing pass unless the routing was
+    read from the generating decodes)."""
 
     def tick(n: int) -> None:
         if bar is not None:
@@ -193,6 +194,17 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
         state["evaluated"] += len(seqs[-1])
     if traces is None:
         traces = model.routing_many(seqs, tick=tick)
+    return responses, traces, rows_of
+
+
+def _tally(model: Any, pset: PromptSet, label: str, prompts: list[list[int]], responses: list, traces: list,
+           rows_of: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[PromptRecord], int]:
+    """(counts, window tokens, gate-weight sums, records, prompt tokens) of one prompt set."""
+    info = model.info
+    layers = info.moe_layers
+    counts = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.int32)
+    wsum = np.zeros((len(pset), len(layers), info.n_expert), dtype=np.float64)
+    ntok = np.zeros(len(pset), dtype=np.int64)
     records: list[PromptRecord] = []
     for pi, (item, trace, rows) in enumerate(zip(pset, traces, rows_of)):
         for li, layer in enumerate(layers):
@@ -208,7 +220,7 @@ def _scan_set(model: Any, pset: PromptSet, label: str, window: str, max_new: int
                                     n_window_tokens=int(len(rows)),
                                     response=model.detokenize(new) if new is not None else None,
                                     n_response_tokens=len(new) if new is not None else None))
-    return counts, ntok, wsum, records, n_prompt_total
+    return counts, ntok, wsum, records, sum(len(t) for t in prompts)
 
 
 def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str],
@@ -238,9 +250,13 @@ def run_scan(model: Any, behavior: PromptSet | str | os.PathLike | Sequence[str]
         bar = tqdm(total=len(bset) + len(cset), unit="prompt", desc=f"scan ({tokens})", file=sys.stderr,
                    leave=False, dynamic_ncols=True)
     state: dict = {"t0": time.perf_counter(), "evaluated": 0, "templated": False, "fallback": False}
-    try:
-        c1, t1, w1, r1, np1 = _scan_set(model, bset, "behavior", tokens, max_new, template, raw, bar, state)
-        c2, t2, w2, r2, np2 = _scan_set(model, cset, "control", tokens, max_new, template, raw, bar, state)
+    try:  # both sets in the same decodes (a scan of small sets keeps the batch full)
+        pb = _set_prompts(model, bset, tokens, max_new, template, raw, state)
+        pc = _set_prompts(model, cset, tokens, max_new, template, raw, state)
+        responses, traces, rows_of = _decode(model, pb + pc, tokens, max_new, bar, state)
+        nb = len(pb)
+        c1, t1, w1, r1, np1 = _tally(model, bset, "behavior", pb, responses[:nb], traces[:nb], rows_of[:nb])
+        c2, t2, w2, r2, np2 = _tally(model, cset, "control", pc, responses[nb:], traces[nb:], rows_of[nb:])
     finally:
         if bar is not None:
             bar.close()
