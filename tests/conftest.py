@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_mote.tiny import TINY_ARCHS
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -95,6 +97,15 @@ def tiny_model(models_dir, vendor_dir):
         return hf, gguf
 
     return make
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def tiny_loaded(request, tiny_model, native):
+    """Each tiny architecture's F32 GGUF loaded (n_ctx 256, 2 threads), once per test module that asks for it."""
+    import edge_mote
+
+    with edge_mote.load(tiny_model(request.param)[1], n_ctx=256, n_threads=2) as model:
+        yield model
 
 
 @pytest.fixture(scope="session")

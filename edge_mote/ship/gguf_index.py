@@ -140,19 +140,14 @@ def _parse(path: Path, mm, size: int, bad) -> GGUFIndex:
         if n < 0 or pos + n > size:
             raise bad("it ends inside its metadata")
 
-    def u32() -> int:
+    def read(fmt: struct.Struct) -> int:
         nonlocal pos
-        need(4)
-        (v,) = _U32.unpack_from(mm, pos)
-        pos += 4
+        need(fmt.size)
+        (v,) = fmt.unpack_from(mm, pos)
+        pos += fmt.size
         return v
 
-    def u64() -> int:
-        nonlocal pos
-        need(8)
-        (v,) = _U64.unpack_from(mm, pos)
-        pos += 8
-        return v
+    u32, u64 = (lambda: read(_U32)), (lambda: read(_U64))
 
     if mm[:4] != b"GGUF":
         raise bad("it does not start with the GGUF magic")

@@ -11,19 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import edge_mote
 from edge_mote import Steering
-from edge_mote.tiny import TINY_ARCHS
 
 TEXTS = ["Hello world, how are you today", "The quick brown fox jumps over the lazy dog", "1 2 3 4 5 6 7 8",
          "Why is the sky blue?", "Once upon a time"]
 NEW = 6
 
 
-@pytest.fixture(scope="module", params=TINY_ARCHS)
-def m(request, tiny_model, native):
-    with edge_mote.load(tiny_model(request.param)[1], n_ctx=256, n_threads=2) as model:
-        yield model
+@pytest.fixture(scope="module")
+def m(tiny_loaded):
+    return tiny_loaded
 
 
 def _steerings(m) -> list[Steering | None]:

@@ -16,7 +16,6 @@ import pytest
 import edge_mote
 from edge_mote import Steering
 from edge_mote.runtime import bindings as B
-from edge_mote.tiny import TINY_ARCHS
 
 RTOL = 1e-4  # relative to the largest logit magnitude, F32 models
 # one-token decode steps of 5 sequences vs 1 use other matmul kernels (gemm vs gemv): rounding differs a little more
@@ -26,10 +25,9 @@ TEXTS = ["Hello world, how are you today", "The quick brown fox jumps over the l
          "Why is the sky blue?", "Once upon a time"]
 
 
-@pytest.fixture(scope="module", params=TINY_ARCHS)
-def m(request, tiny_model, native):
-    with edge_mote.load(tiny_model(request.param)[1], n_ctx=256, n_threads=2) as model:
-        yield model
+@pytest.fixture(scope="module")
+def m(tiny_loaded):
+    return tiny_loaded
 
 
 def _steerings(m) -> list[Steering | None]:
