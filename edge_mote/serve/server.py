@@ -5,7 +5,6 @@ worker fault fails the requests in flight, never the server, which loads the mod
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import socket
@@ -16,20 +15,12 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import UserError
+from ..runtime.rpc import is_loopback
 
 LOOPBACK_WARNING = (
     "warning: serving on {host}, reachable from other machines: edge-mote serve has no user accounts or TLS; "
     "anyone who can reach this port can use the model{key}. Put it behind a reverse proxy with authentication "
     "and TLS, or bind 127.0.0.1.")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
