@@ -136,6 +136,18 @@ class ParallelContext:
         self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self.set_sequence_steering(seq, None)
 
+    def keep_prefix(self, seq: int, n: int) -> bool:
+        """Keep the KV cells of sequence ``seq``'s first ``n`` positions and drop the rest (``n`` = 0: all of them).
+        False when this memory cannot drop part of a sequence (then all of it is dropped)."""
+        if n > 0 and self._ll.llama_memory_seq_rm(self._mem, seq, n, -1):
+            return True
+        self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        return n <= 0
+
+    def release_sequence(self, seq: int) -> None:
+        """The request in sequence ``seq`` ended; its cells stay for reuse (``keep_prefix``). Nothing to do here; a
+        remote context (``serve --rpc``) stops counting the sequence as in use."""
+
     def clear_all(self) -> None:
         """Empty the KV cache (every sequence); steerings stay."""
         self._ll.llama_memory_clear(self._mem, True)

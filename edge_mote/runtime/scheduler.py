@@ -6,6 +6,11 @@ ones, ``decode`` it, sample every sequence's next token from its own logits row,
 sinks. A request that arrives while others are decoding joins at the next step; a cancelled request (client gone,
 stop string found) frees its slot at the next step; requests beyond the slots wait in FIFO order.
 
+Prompt reuse (as llama-server's prompt cache): a finished sequence keeps its KV cells. A new request goes to the free
+slot whose kept tokens share the longest prefix with its prompt under the same steering, and only the rest of the
+prompt is decoded (a chat's next turn re-sends the conversation: only the new turn is computed). Otherwise it takes
+an empty slot, else the one freed longest ago.
+
 Other threads talk to it only through :meth:`Scheduler.submit` (a request and a sink called with its events from
 the scheduler thread) and :meth:`Scheduler.call` (run a function on the model between steps, e.g. tokenization,
 since a Model is used by one thread at a time).
@@ -111,6 +116,7 @@ class _Slot:
     handle: Handle
     tokens: list[int]
     fed: int = 0                                            # prompt tokens decoded so far
+    kv: list[int] = field(default_factory=list)             # the tokens whose KV cells the sequence holds
     generated: list[int] = field(default_factory=list)
     sent: int = 0                                           # characters of the generated text released
     rng: np.random.Generator | None = None
@@ -129,6 +135,7 @@ class Stats:
     generated_tokens: int = 0
     max_seqs_in_step: int = 0
     requests_done: int = 0
+    reused_tokens: int = 0       # prompt tokens whose KV cells a previous request left in its slot
 
 
 class Scheduler:
@@ -147,6 +154,9 @@ class Scheduler:
         self._stop = False
         self._capture = False
         self._reason: dict[int, str] = {}                  # why a slot finished in this step
+        # free slot -> (tokens its KV cells hold, the steering they were computed with, when it was freed)
+        self._kept: dict[int, tuple[list[int], Steering | None, int]] = {}
+        self._freed = 0
         self._pc = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -241,7 +251,10 @@ class Scheduler:
                 self._jobs.clear()
                 admitted = []
                 while self._pending and free:
-                    admitted.append((free.pop(0), self._pending.popleft()))
+                    handle = self._pending.popleft()
+                    seq = self._pick(free, handle.request)
+                    free.remove(seq)
+                    admitted.append((seq, handle))
             for fn, fut in jobs:
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -265,20 +278,52 @@ class Scheduler:
                     free.append(slot.seq)
                 free.sort()
 
+    def _steering_of(self, request: Request) -> Steering | None:
+        """The steering a request's tokens are computed with (its own, else the Model's at this moment)."""
+        return request.steering if request.steering is not None else self.model.steering
+
+    def _reusable(self, seq: int, request: Request) -> int:
+        """How many leading prompt tokens of ``request`` the KV cells kept in free slot ``seq`` already hold."""
+        kept = self._kept.get(seq)
+        if kept is None or kept[1] != self._steering_of(request):
+            return 0
+        toks, n = kept[0], 0
+        for a, b in zip(toks, request.tokens):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(request.tokens) - 1)   # the last prompt token is decoded again: its logits are needed
+
+    def _pick(self, free: list[int], request: Request) -> int:
+        """The free slot for ``request``: the longest reusable prefix, else an empty slot, else the one freed
+        longest ago."""
+        best = max(free, key=lambda q: (self._reusable(q, request), q not in self._kept,
+                                        -self._kept[q][2] if q in self._kept else 0, -q))
+        return best
+
     def _admit(self, seq: int, handle: Handle, free: list[int]) -> None:
+        req = handle.request
         if handle.cancelled:
-            handle.sink(Finished("cancelled", "", len(handle.request.tokens), 0))
+            handle.sink(Finished("cancelled", "", len(req.tokens), 0))
             free.append(seq)
             return
-        req = handle.request
+        keep = self._reusable(seq, req)
         try:
+            if self._kept.pop(seq, None) is not None and not self._pc.keep_prefix(seq, keep):
+                keep = 0                    # this memory cannot drop part of a sequence: it dropped all of it
             self._pc.set_sequence_steering(seq, req.steering)
         except Exception as e:
+            try:
+                self._pc.clear_sequence(seq)
+            except Exception:  # pragma: no cover - the context is gone; the next step reports it
+                pass
             handle.sink(Finished("error", "", len(req.tokens), 0, str(e), getattr(e, "http_status", None)))
             free.append(seq)
             return
         rng = np.random.default_rng(req.sampling.seed) if req.sampling.temperature > 0 else None
-        self._slots[seq] = _Slot(seq, handle, [int(t) for t in req.tokens], rng=rng)
+        tokens = [int(t) for t in req.tokens]
+        self._slots[seq] = _Slot(seq, handle, tokens, fed=keep, kv=tokens[:keep], rng=rng)
+        self.stats.reused_tokens += keep
 
     def _step(self) -> list[_Slot]:
         """One decode of every active sequence; returns the slots that finished (their sequences are cleared)."""
@@ -294,6 +339,7 @@ class Scheduler:
                 pos = len(slot.tokens) + len(slot.generated) - 1
                 flagged.append((slot, len(entries)))
                 entries.append((slot.generated[-1], pos, slot.seq, True))
+                slot.kv.append(slot.generated[-1])
                 budget -= 1
             else:
                 n = min(budget, len(slot.tokens) - slot.fed)
@@ -302,6 +348,7 @@ class Scheduler:
                     if last:
                         flagged.append((slot, len(entries)))
                     entries.append((slot.tokens[j], j, slot.seq, last))
+                slot.kv.extend(slot.tokens[slot.fed: slot.fed + n])
                 slot.fed += n
                 budget -= n
         want_trace = any(s.handle.request.trace for s, _ in flagged)
@@ -388,7 +435,12 @@ class Scheduler:
             if not any(full.find(s, slot.sent) >= 0 for s in stops):
                 rest = full[slot.sent:]
         try:
-            self._pc.clear_sequence(slot.seq)
+            if reason == "error":
+                self._pc.clear_sequence(slot.seq)   # what its cells hold is unknown
+            else:                                   # kept for a later request with the same prefix (module docstring)
+                self._freed += 1
+                self._kept[slot.seq] = (slot.kv, self._steering_of(slot.handle.request), self._freed)
+                self._pc.release_sequence(slot.seq)
         except Exception as e:  # pragma: no cover - a broken context: report it on this request
             reason, error = "error", error or str(e)
         self.stats.requests_done += 1

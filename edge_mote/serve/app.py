@@ -218,7 +218,8 @@ def build_app(state: ServerState) -> Starlette:
         body = {"status": "ok", "model": state.catalog.base, "slots": s.n_seq, "busy": s.busy,
                 "queued": s.queued, "n_ctx_seq": s.n_ctx_seq, "steps": st.steps,
                 "decoded_tokens": st.decoded_tokens, "generated_tokens": st.generated_tokens,
-                "max_seqs_in_step": st.max_seqs_in_step, "requests_done": st.requests_done}
+                "max_seqs_in_step": st.max_seqs_in_step, "requests_done": st.requests_done,
+                "reused_prompt_tokens": st.reused_tokens}
         if state.cluster is None:
             return JSONResponse(body)
         body["cluster"] = cluster = state.cluster.status()

@@ -112,6 +112,10 @@ def _clear(s: _Session, seq: int) -> None:
     s.pc.clear_sequence(seq)
 
 
+def _keep_prefix(s: _Session, seq: int, n: int) -> bool:
+    return s.pc.keep_prefix(seq, n)
+
+
 def _ping(s: _Session) -> bool:
     return True
 
@@ -138,20 +142,35 @@ class RemoteBatch:
         self._rows = None
         self._cap = None
         self._gen: dict[int, int] = {}     # sequence -> the session it was set up in
+        self.busy: set[int] = set()        # sequences a request runs in (the others only keep cells for reuse)
 
     def set_capture(self, enable: bool) -> None:
         self._capture = bool(enable)      # sent with the next decode
 
     def set_sequence_steering(self, seq: int, steering) -> None:
         self._gen[seq] = self.cm.call(_set_steering, seq, steering, with_generation=True)[0]
+        self.busy.add(seq)
+
+    def release_sequence(self, seq: int) -> None:
+        self.busy.discard(seq)
 
     def clear_sequence(self, seq: int) -> None:
         gen = self._gen.pop(seq, None)
+        self.busy.discard(seq)
         if gen is not None and gen == self.cm.generation and self.cm.healthy:
             try:
                 self.cm.call(_clear, seq)
             except (ClusterFault, ClusterUnavailable):
                 pass  # the session is gone, and its sequences with it
+
+    def keep_prefix(self, seq: int, n: int) -> bool:
+        """As ``ParallelContext.keep_prefix``; the cells of a session that is gone are gone (False unless n = 0)."""
+        if self._gen.get(seq) != self.cm.generation or not self.cm.healthy:
+            return n <= 0
+        try:
+            return self.cm.call(_keep_prefix, seq, n)
+        except (ClusterFault, ClusterUnavailable):
+            return n <= 0
 
     def decode(self, entries) -> None:
         cm = self.cm
@@ -385,7 +404,7 @@ class ClusterModel:
     def _active(self) -> int:
         """Sequences of the current session in use."""
         b = self._batch
-        return 0 if b is None else sum(1 for g in list(b._gen.values()) if g == self.generation)
+        return 0 if b is None else sum(1 for q, g in list(b._gen.items()) if g == self.generation and q in b.busy)
 
     # -- the supervisor thread ------------------------------------------------------------------------------------
     def _supervise(self) -> None:

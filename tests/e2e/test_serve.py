@@ -69,6 +69,16 @@ def test_completion_equals_edge_mote_run(server, served, prompt):
     assert got["mote"]["steering"] == ""
 
 
+def test_a_follow_up_prompt_reuses_the_earlier_cells_and_still_equals_edge_mote_run(server, served):
+    first = PROMPTS[2]
+    text = completion(server, first)["choices"][0]["text"]
+    before = server.health()["reused_prompt_tokens"]
+    follow = first + text + " And the sea?"       # a conversation's next turn re-sends all of it
+    got = completion(server, follow, n=8)
+    assert server.health()["reused_prompt_tokens"] > before
+    assert got["choices"][0]["text"] == run_cli(served[0], follow, 8)
+
+
 def test_steering_in_mote_and_profile_as_model_equal_edge_mote_run(server, served):
     path, experts = served
     prompt = PROMPTS[1]

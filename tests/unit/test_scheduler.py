@@ -24,6 +24,7 @@ class FakeBatch:
     def __init__(self, n_seq, n_ctx_seq, delay=0.0):
         self.n_seq, self.n_ctx_seq, self.n_batch, self.n_vocab = n_seq, n_ctx_seq, 64, V
         self.steer = {}
+        self.kept = []        # (sequence, positions kept) of every keep_prefix / clear_sequence
         self.decodes = []     # entries of every decode
         self.delay = delay
         self._rows = None
@@ -35,6 +36,14 @@ class FakeBatch:
 
     def clear_sequence(self, seq):
         self.steer.pop(seq, None)
+        self.kept.append((seq, 0))
+
+    def release_sequence(self, seq):
+        pass
+
+    def keep_prefix(self, seq, n):
+        self.kept.append((seq, n))
+        return True
 
     def set_capture(self, on):
         pass
@@ -68,6 +77,8 @@ class FakeBatch:
 
 
 class FakeModel:
+    steering = None
+
     def __init__(self, delay=0.0):
         self.info = SimpleNamespace(moe_layers=(0, 1))
         self.delay = delay
@@ -124,6 +135,29 @@ def test_greedy_until_eog_and_length(sched):
     assert text_of(ev) == "cde" and ev[-1].reason == "length" and ev[-1].n_prompt == 2
 
 
+def test_a_prompt_reuses_the_cells_of_an_earlier_one_with_the_same_prefix_and_steering(sched):
+    pc = sched.model.pc
+    prompt = [0, 1, 2, 3, 4, 5]
+    first = drain(collect(sched, Request(prompt, max_tokens=4))[1])
+    n = len(pc.decodes)
+    # the conversation goes on: the earlier prompt + its answer + a new turn; only the new part is decoded
+    follow = prompt + [6, 7, 8, 9] + [0, 1]
+    second = drain(collect(sched, Request(follow, max_tokens=3))[1])
+    fed = [e for d in pc.decodes[n:] for e in d]
+    assert text_of(first) == "ghij" and text_of(second) == "cde"
+    # kept: the prompt + the 3 answer tokens that were fed back (the 4th never was): decoding resumes at position 9
+    assert [(t, p) for t, p, _, _ in fed][:3] == [(9, 9), (0, 10), (1, 11)]
+    assert sched.stats.reused_tokens == 9
+    # an identical prompt: its last token is decoded again, for its logits
+    n = len(pc.decodes)
+    again = drain(collect(sched, Request(follow, max_tokens=3))[1])
+    assert text_of(again) == "cde" and [e[:2] for d in pc.decodes[n:] for e in d][0] == (1, 11)
+    # another steering computes other cells: nothing is reused
+    n, before = len(pc.decodes), sched.stats.reused_tokens
+    drain(collect(sched, Request(follow, max_tokens=2, steering=Steering.parse("off=0:1")))[1])
+    assert [e[:2] for d in pc.decodes[n:] for e in d][0] == (0, 0) and sched.stats.reused_tokens == before
+
+
 def test_each_sequence_uses_its_own_steering_in_one_decode(sched):
     qs = [collect(sched, Request([0], max_tokens=6, steering=Steering.parse("off=0:1") if i % 2 else None))[1]
           for i in range(3)]
@@ -165,7 +199,7 @@ def test_cancel_frees_the_slot(sched):
     for h, q in hs[1:]:
         h.cancel()
         drain(q)
-    assert sched.busy == 0 and not pc.steer
+    assert sched.busy == 0 and not any(pc.steer.values())
 
 
 def test_stop_strings_are_cut_and_held_back(sched):
