@@ -9,7 +9,7 @@ stop string found) frees its slot at the next step; requests beyond the slots wa
 Prompt reuse (as llama-server's prompt cache): a finished sequence keeps its KV cells. A new request goes to the free
 slot whose kept tokens share the longest prefix with its prompt under the same steering, and only the rest of the
 prompt is decoded (a chat's next turn re-sends the conversation: only the new turn is computed). Otherwise it takes
-an empty slot, else the one freed longest ago.
+an empty slot, else the one freed longest ago. At most ``n_ctx_seq`` kept cells in all, the most recent requests'.
 
 Other threads talk to it only through :meth:`Scheduler.submit` (a request and a sink called with its events from
 the scheduler thread) and :meth:`Scheduler.call` (run a function on the model between steps, e.g. tokenization,
@@ -278,6 +278,14 @@ class Scheduler:
                     free.append(slot.seq)
                 free.sort()
 
+    def _evict(self) -> None:
+        """Keep at most one sequence's context (``n_ctx_seq`` cells) of finished requests, the most recent: kept
+        cells widen the span of cells every decode's attention covers in the shared KV buffer."""
+        while sum(len(k[0]) for k in self._kept.values()) > self.n_ctx_seq:
+            oldest = min(self._kept, key=lambda q: self._kept[q][2])
+            del self._kept[oldest]
+            self._pc.clear_sequence(oldest)
+
     def _steering_of(self, request: Request) -> Steering | None:
         """The steering a request's tokens are computed with (its own, else the Model's at this moment)."""
         return request.steering if request.steering is not None else self.model.steering
@@ -441,6 +449,7 @@ class Scheduler:
                 self._freed += 1
                 self._kept[slot.seq] = (slot.kv, self._steering_of(slot.handle.request), self._freed)
                 self._pc.release_sequence(slot.seq)
+                self._evict()
         except Exception as e:  # pragma: no cover - a broken context: report it on this request
             reason, error = "error", error or str(e)
         self.stats.requests_done += 1

@@ -158,6 +158,17 @@ def test_a_prompt_reuses_the_cells_of_an_earlier_one_with_the_same_prefix_and_st
     assert [e[:2] for d in pc.decodes[n:] for e in d][0] == (0, 0) and sched.stats.reused_tokens == before
 
 
+def test_kept_cells_are_bounded_by_one_sequence_context_oldest_dropped_first(sched):
+    pc = sched.model.pc                                     # n_ctx_seq = 64
+    for first in (0, 1, 2):
+        drain(collect(sched, Request([first] + [3] * 29, max_tokens=2))[1])   # 30 prompt tokens + 1 fed back
+    dropped = [q for q, n in pc.kept if n == 0]
+    assert len(dropped) == 1                                # 3 x 31 > 64: the oldest request's cells went
+    n = len(pc.decodes)
+    drain(collect(sched, Request([0] + [3] * 29, max_tokens=1))[1])          # so the first prompt is decoded again
+    assert pc.decodes[n][0][:2] == (0, 0)
+
+
 def test_each_sequence_uses_its_own_steering_in_one_decode(sched):
     qs = [collect(sched, Request([0], max_tokens=6, steering=Steering.parse("off=0:1") if i % 2 else None))[1]
           for i in range(3)]
