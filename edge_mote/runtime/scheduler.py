@@ -8,8 +8,8 @@ stop string found) frees its slot at the next step; requests beyond the slots wa
 
 Prompt reuse (as llama-server's prompt cache): a finished sequence keeps its KV cells. A new request goes to the free
 slot whose kept tokens share the longest prefix with its prompt under the same steering, and only the rest of the
-prompt is decoded (a chat's next turn re-sends the conversation: only the new turn is computed). Otherwise it takes
-an empty slot, else the one freed longest ago. At most ``n_ctx_seq`` kept cells in all, the most recent requests'.
+prompt is decoded (a chat's next turn re-sends the conversation: only the new turn is computed), if that prefix is at
+least half the prompt. Otherwise it takes an empty slot, else the one freed longest ago. At most ``n_ctx_seq`` kept cells in all, the most recent requests'.
 
 Other threads talk to it only through :meth:`Scheduler.submit` (a request and a sink called with its events from
 the scheduler thread) and :meth:`Scheduler.call` (run a function on the model between steps, e.g. tokenization,
@@ -302,12 +302,17 @@ class Scheduler:
             n += 1
         return min(n, len(request.tokens) - 1)   # the last prompt token is decoded again: its logits are needed
 
+    REUSE_SHARE = 0.5  # a slot is chosen for its kept cells when they cover this share of the prompt (llama-server's
+    #                    --slot-prompt-similarity): a common opening (BOS, a system prompt) alone does not evict others
+
     def _pick(self, free: list[int], request: Request) -> int:
-        """The free slot for ``request``: the longest reusable prefix, else an empty slot, else the one freed
-        longest ago."""
-        best = max(free, key=lambda q: (self._reusable(q, request), q not in self._kept,
-                                        -self._kept[q][2] if q in self._kept else 0, -q))
-        return best
+        """The free slot for ``request``: the longest reusable prefix covering REUSE_SHARE of the prompt, else an
+        empty slot, else the one freed longest ago."""
+        reuse = {q: self._reusable(q, request) for q in free}
+        best = max(free, key=lambda q: (reuse[q], -q))
+        if reuse[best] >= self.REUSE_SHARE * len(request.tokens):
+            return best
+        return min(free, key=lambda q: (q in self._kept, self._kept[q][2] if q in self._kept else 0, q))
 
     def _admit(self, seq: int, handle: Handle, free: list[int]) -> None:
         req = handle.request

@@ -169,6 +169,15 @@ def test_kept_cells_are_bounded_by_one_sequence_context_oldest_dropped_first(sch
     assert pc.decodes[n][0][:2] == (0, 0)
 
 
+def test_a_prompt_sharing_only_its_opening_takes_an_empty_slot_and_leaves_kept_cells_alone(sched):
+    pc = sched.model.pc
+    a, b = [7, 0, 1, 2, 3, 4], [7, 5, 6, 8, 9, 10]         # the same first token (a BOS), nothing else
+    for p in (a, b, a, b):
+        drain(collect(sched, Request(p, max_tokens=2))[1])
+    assert sched.stats.reused_tokens == 2 * 5               # the repeats found their own cells (less the last token)
+    assert not [q for q, n in pc.kept if n == 0]            # nothing was dropped
+
+
 def test_each_sequence_uses_its_own_steering_in_one_decode(sched):
     qs = [collect(sched, Request([0], max_tokens=6, steering=Steering.parse("off=0:1") if i % 2 else None))[1]
           for i in range(3)]
