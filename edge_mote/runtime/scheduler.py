@@ -7,9 +7,10 @@ sinks. A request that arrives while others are decoding joins at the next step; 
 stop string found) frees its slot at the next step; requests beyond the slots wait in FIFO order.
 
 Prompt reuse (as llama-server's prompt cache): a finished sequence keeps its KV cells. A new request goes to the free
-slot whose kept tokens share the longest prefix with its prompt under the same steering, and only the rest of the
-prompt is decoded (a chat's next turn re-sends the conversation: only the new turn is computed), if that prefix is at
-least half the prompt. Otherwise it takes an empty slot, else the one freed longest ago. At most ``n_ctx_seq`` kept cells in all, the most recent requests'.
+slot whose kept tokens share the longest prefix with its prompt under the same steering, if that prefix is at least
+half the prompt, and only the rest of the prompt is decoded (a chat's next turn re-sends the conversation: only the
+new turn is computed); otherwise to an empty slot, else the one freed longest ago. Kept cells are bounded by half the
+slots' contexts, the most recent requests' first.
 
 Other threads talk to it only through :meth:`Scheduler.submit` (a request and a sink called with its events from
 the scheduler thread) and :meth:`Scheduler.call` (run a function on the model between steps, e.g. tokenization,
@@ -279,9 +280,9 @@ class Scheduler:
                 free.sort()
 
     def _evict(self) -> None:
-        """Keep at most one sequence's context (``n_ctx_seq`` cells) of finished requests, the most recent: kept
-        cells widen the span of cells every decode's attention covers in the shared KV buffer."""
-        while sum(len(k[0]) for k in self._kept.values()) > self.n_ctx_seq:
+        """Keep at most half the slots' contexts (``n_ctx_seq`` x ``n_seq // 2`` cells) of finished requests, the most
+        recent: kept cells widen the span of cells every decode's attention covers in the shared KV buffer."""
+        while sum(len(k[0]) for k in self._kept.values()) > self.n_ctx_seq * max(1, self.n_seq // 2):
             oldest = min(self._kept, key=lambda q: self._kept[q][2])
             del self._kept[oldest]
             self._pc.clear_sequence(oldest)
