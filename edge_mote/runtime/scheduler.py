@@ -340,7 +340,7 @@ class Scheduler:
         self.stats.reused_tokens += keep
 
     def _step(self) -> list[_Slot]:
-        """One decode of every active sequence; returns the slots that finished (their sequences are cleared)."""
+        """One decode of every active sequence; returns the slots that finished (their cells kept for reuse)."""
         pc = self._pc
         entries: list[tuple[int, int, int, bool]] = []
         flagged: list[tuple[_Slot, int]] = []         # (slot, index of its entry in the batch)
