@@ -17,6 +17,9 @@ from .options import model_argument, plan_option, plan_from_context
               help="Sequences decoded together; more requests wait in a queue.")
 @click.option("--ctx", "n_ctx", type=click.IntRange(16), default=2048, show_default=True,
               help="Tokens per sequence (prompt + completion).")
+@click.option("--prompt-cache", "prompt_cache_mib", type=click.IntRange(0), default=1024, show_default=True,
+              metavar="MIB", help="Host memory for the KV cells of finished prompts whose slot was needed, put back "
+                                  "for a request that starts the same way (0: off; not with --rpc).")
 @click.option("--profile", default=None, metavar="NAME",
               help="The server's steering: a profile stored in the GGUF ('none': not even the default profile).")
 @click.option("--api-key", default=None, envvar="EDGE_MOTE_API_KEY",
@@ -34,7 +37,8 @@ from .options import model_argument, plan_option, plan_from_context
                    "machine alone if none does) when the model fits their free memory, until it is back; "
                    "off: always wait for every worker.")
 @plan_option
-def serve(model, host, port, parallel, n_ctx, profile, api_key, name, n_threads, n_gpu_layers, rpc, rpc_fallback):
+def serve(model, host, port, parallel, n_ctx, prompt_cache_mib, profile, api_key, name, n_threads, n_gpu_layers, rpc,
+          rpc_fallback):
     from ..errors import UserError
     from ..serve import ServeConfig, serve as run_server
 
@@ -53,5 +57,5 @@ def serve(model, host, port, parallel, n_ctx, profile, api_key, name, n_threads,
             raise UserError(f"--rpc-fallback must be a number of seconds >= 0 or 'off', got '{rpc_fallback}'")
     cfg = ServeConfig(model=model, host=host, port=port, parallel=parallel, n_ctx=n_ctx, profile=profile,
                       rpc_servers=servers or None, n_threads=n_threads, n_gpu_layers=n_gpu_layers, api_key=api_key,
-                      name=name, rpc_fallback=fallback, plan=plan)
+                      name=name, rpc_fallback=fallback, plan=plan, prompt_cache_mib=prompt_cache_mib)
     run_server(cfg, on_ready=lambda line: click.echo(line))

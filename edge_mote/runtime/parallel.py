@@ -144,6 +144,25 @@ class ParallelContext:
         self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
         return n <= 0
 
+    def save_sequence(self, seq: int) -> bytes | None:
+        """Sequence ``seq``'s KV cells as bytes (``llama_state_seq_get_data``), to be put back with
+        ``load_sequence``; None if llama.cpp cannot."""
+        size = self._ll.llama_state_seq_get_size(self._live(), seq)
+        if not size:
+            return None
+        buf = (ctypes.c_ubyte * size)()
+        n = self._ll.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return bytes(buf[:n]) if n else None
+
+    def load_sequence(self, seq: int, data: bytes) -> bool:
+        """Replace sequence ``seq``'s cells with ``data`` from ``save_sequence`` (of this model and context kind);
+        False when they do not fit (then the sequence is empty)."""
+        buf = (ctypes.c_ubyte * len(data)).from_buffer_copy(data)
+        if self._ll.llama_state_seq_set_data(self._live(), buf, len(data), seq):
+            return True
+        self._ll.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        return False
+
     def release_sequence(self, seq: int) -> None:
         """The request in sequence ``seq`` ended; its cells stay for reuse (``keep_prefix``). Nothing to do here; a
         remote context (``serve --rpc``) stops counting the sequence as in use."""

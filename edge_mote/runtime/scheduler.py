@@ -10,7 +10,9 @@ Prompt reuse (as llama-server's prompt cache): a finished sequence keeps its KV 
 slot whose kept tokens share the longest prefix with its prompt under the same steering, if that prefix is at least
 half the prompt, and only the rest of the prompt is decoded (a chat's next turn re-sends the conversation: only the
 new turn is computed); otherwise to an empty slot, else the one freed longest ago. Kept cells are bounded by half the
-slots' contexts, the most recent requests' first.
+slots' contexts, the most recent requests' first. Cells about to be dropped are first saved to host memory
+(``prompt_cache_bytes``, least recently used out first, as llama-server's ``--cache-ram``) and put back into a slot
+for a later request that shares half its prompt with them.
 
 Other threads talk to it only through :meth:`Scheduler.submit` (a request and a sink called with its events from
 the scheduler thread) and :meth:`Scheduler.call` (run a function on the model between steps, e.g. tokenization,
@@ -142,7 +144,7 @@ class Stats:
 class Scheduler:
     """Continuous batching over one ``Model`` (see the module docstring). Owns the batched context's thread."""
 
-    def __init__(self, model, n_seq: int = 4, n_ctx_seq: int = 2048):
+    def __init__(self, model, n_seq: int = 4, n_ctx_seq: int = 2048, prompt_cache_bytes: int = 1 << 30):
         if n_seq < 1:
             raise UserError(f"the number of parallel sequences must be >= 1, got {n_seq}")
         self.model, self.n_seq, self.n_ctx_seq = model, int(n_seq), int(n_ctx_seq)
@@ -158,6 +160,10 @@ class Scheduler:
         # free slot -> (tokens its KV cells hold, the steering they were computed with, when it was freed)
         self._kept: dict[int, tuple[list[int], Steering | None, int]] = {}
         self._freed = 0
+        # host-memory copies of dropped cells: id -> (tokens, steering, state bytes), least recently used first
+        self._stash: dict[int, tuple[list[int], Steering | None, bytes]] = {}
+        self._stash_ids = 0
+        self.prompt_cache_bytes = max(0, int(prompt_cache_bytes))
         self._pc = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -284,8 +290,49 @@ class Scheduler:
         recent: kept cells widen the span of cells every decode's attention covers in the shared KV buffer."""
         while sum(len(k[0]) for k in self._kept.values()) > self.n_ctx_seq * max(1, self.n_seq // 2):
             oldest = min(self._kept, key=lambda q: self._kept[q][2])
-            del self._kept[oldest]
+            self._save(oldest)
             self._pc.clear_sequence(oldest)
+
+    def _save(self, seq: int) -> None:
+        """Move the cells kept in free slot ``seq`` to host memory (dropping the least recently used copies that no
+        longer fit); the slot's own record is forgotten either way."""
+        toks, steering, _ = self._kept.pop(seq)
+        if self.prompt_cache_bytes <= 0 or len(toks) < 2:
+            return
+        data = self._pc.save_sequence(seq)
+        if data is None or len(data) > self.prompt_cache_bytes:
+            return
+        while self._stash and (len(self._stash) >= self.STASH_ENTRIES
+                               or sum(len(d) for *_, d in self._stash.values()) + len(data) > self.prompt_cache_bytes):
+            del self._stash[next(iter(self._stash))]
+        self._stash_ids += 1
+        self._stash[self._stash_ids] = (toks, steering, data)
+
+    @staticmethod
+    def _common(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    def _from_stash(self, seq: int, request: Request, have: int) -> int:
+        """Put back into slot ``seq`` the saved cells sharing the longest prefix (>= REUSE_SHARE of the prompt and
+        more than the ``have`` tokens the slot already holds) with ``request``; returns the tokens it now holds."""
+        steering = self._steering_of(request)
+        best, best_n = None, have
+        for sid, (toks, st, _) in self._stash.items():
+            if st == steering:
+                n = min(self._common(toks, request.tokens), len(request.tokens) - 1)
+                if n > best_n:
+                    best, best_n = sid, n
+        if best is None or best_n < self.REUSE_SHARE * len(request.tokens):
+            return have
+        toks, _, data = self._stash.pop(best)
+        if not self._pc.load_sequence(seq, data):
+            return 0
+        return best_n if self._pc.keep_prefix(seq, best_n) else 0
 
     def _steering_of(self, request: Request) -> Steering | None:
         """The steering a request's tokens are computed with (its own, else the Model's at this moment)."""
@@ -296,13 +343,10 @@ class Scheduler:
         kept = self._kept.get(seq)
         if kept is None or kept[1] != self._steering_of(request):
             return 0
-        toks, n = kept[0], 0
-        for a, b in zip(toks, request.tokens):
-            if a != b:
-                break
-            n += 1
-        return min(n, len(request.tokens) - 1)   # the last prompt token is decoded again: its logits are needed
+        # the last prompt token is decoded again: its logits are needed
+        return min(self._common(kept[0], request.tokens), len(request.tokens) - 1)
 
+    STASH_ENTRIES = 1024  # most prompts kept in host memory (each admission compares its prompt with all of them)
     REUSE_SHARE = 0.5  # a slot is chosen for its kept cells when they cover this share of the prompt (llama-server's
     #                    --slot-prompt-similarity): a common opening (BOS, a system prompt) alone does not evict others
 
@@ -323,8 +367,17 @@ class Scheduler:
             return
         keep = self._reusable(seq, req)
         try:
-            if self._kept.pop(seq, None) is not None and not self._pc.keep_prefix(seq, keep):
-                keep = 0                    # this memory cannot drop part of a sequence: it dropped all of it
+            if seq in self._kept:
+                if keep < self.REUSE_SHARE * len(req.tokens):   # the slot was taken for want of a better one
+                    self._save(seq)
+                    self._pc.keep_prefix(seq, 0)
+                    keep = 0
+                else:
+                    del self._kept[seq]
+                    if not self._pc.keep_prefix(seq, keep):
+                        keep = 0            # this memory cannot drop part of a sequence: it dropped all of it
+            if keep < self.REUSE_SHARE * len(req.tokens) and self._stash:
+                keep = self._from_stash(seq, req, keep)
             self._pc.set_sequence_steering(seq, req.steering)
         except Exception as e:
             try:

@@ -154,6 +154,12 @@ class RemoteBatch:
     def release_sequence(self, seq: int) -> None:
         self.busy.discard(seq)
 
+    def save_sequence(self, seq: int) -> bytes | None:
+        return None  # not kept across the child boundary: finished prompts are reused only from their slots
+
+    def load_sequence(self, seq: int, data: bytes) -> bool:
+        return False
+
     def clear_sequence(self, seq: int) -> None:
         gen = self._gen.pop(seq, None)
         self.busy.discard(seq)

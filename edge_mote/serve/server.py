@@ -39,6 +39,7 @@ class ServeConfig:
     rpc_fallback: float | None = 10.0    # with RPC workers: seconds after a fault before serving on those that
                                          # remain if the model fits them (None: always wait for every worker)
     plan: str | None = None              # with RPC workers: --plan auto|even|PLAN.json, applied at every (re)load
+    prompt_cache_mib: int = 1024         # host memory for finished prompts' KV cells (runtime/scheduler.py)
 
 
 def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Callable[[str], None] | None = None) -> None:
@@ -87,7 +88,8 @@ def serve(cfg: ServeConfig, on_ready: Callable[[str], None] = print, warn: Calla
             shape=(info.n_layer, info.n_expert, info.moe_layers, info.n_expert_used),
             created=int(os.path.getmtime(info.path)))
         template = ChatTemplate.from_model(model)
-        sched = Scheduler(model, n_seq=cfg.parallel, n_ctx_seq=cfg.n_ctx).start()
+        sched = Scheduler(model, n_seq=cfg.parallel, n_ctx_seq=cfg.n_ctx,
+                          prompt_cache_bytes=max(0, cfg.prompt_cache_mib) << 20).start()
         app = build_app(ServerState(sched, catalog, template, info.n_vocab, cfg.api_key, cluster))
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
         host, port = sock.getsockname()[:2]

@@ -144,6 +144,11 @@ def test_click_usage_errors_are_one_line_with_a_hint(edge_mote_exe, args, fragme
     assert_one_line_error(cli(edge_mote_exe, "run", *args), fragment, hint="edge-mote run --help")
 
 
+def test_serve_prompt_cache_size_must_not_be_negative(edge_mote_exe):
+    assert_one_line_error(cli(edge_mote_exe, "serve", "m.gguf", "--prompt-cache", "-1"),
+                          "Invalid value for '--prompt-cache'", hint="edge-mote serve --help")
+
+
 def test_unknown_command_and_bare_group(edge_mote_exe):
     assert_one_line_error(cli(edge_mote_exe, "rnu"), "No such command 'rnu'", hint="edge-mote --help")
     res = cli(edge_mote_exe, "profile")

@@ -79,6 +79,17 @@ def test_a_follow_up_prompt_reuses_the_earlier_cells_and_still_equals_edge_mote_
     assert got["choices"][0]["text"] == run_cli(served[0], follow, 8)
 
 
+def test_a_prompt_whose_slot_was_taken_comes_back_from_host_memory_and_still_equals_edge_mote_run(server, served):
+    first = "Write two lines about the winter sea and its grey light."
+    completion(server, first, n=4)
+    for i in range(5):                                  # more distinct prompts than the server's 4 slots
+        completion(server, f"Count to {i + 3} in words, please.", n=4)
+    before = server.health()["reused_prompt_tokens"]
+    got = completion(server, first, n=8)
+    assert server.health()["reused_prompt_tokens"] - before >= got["usage"]["prompt_tokens"] - 1
+    assert got["choices"][0]["text"] == run_cli(served[0], first, 8)
+
+
 def test_steering_in_mote_and_profile_as_model_equal_edge_mote_run(server, served):
     path, experts = served
     prompt = PROMPTS[1]

@@ -25,6 +25,7 @@ class FakeBatch:
         self.n_seq, self.n_ctx_seq, self.n_batch, self.n_vocab = n_seq, n_ctx_seq, 64, V
         self.steer = {}
         self.kept = []        # (sequence, positions kept) of every keep_prefix / clear_sequence
+        self.loaded = []      # (sequence, state) of every load_sequence
         self.decodes = []     # entries of every decode
         self.delay = delay
         self._rows = None
@@ -40,6 +41,13 @@ class FakeBatch:
 
     def release_sequence(self, seq):
         pass
+
+    def save_sequence(self, seq):
+        return ("state", seq, len(self.kept)).__repr__().encode()
+
+    def load_sequence(self, seq, data):
+        self.loaded.append((seq, data))
+        return True
 
     def keep_prefix(self, seq, n):
         self.kept.append((seq, n))
@@ -160,6 +168,7 @@ def test_a_prompt_reuses_the_cells_of_an_earlier_one_with_the_same_prefix_and_st
 
 def test_kept_cells_are_bounded_by_one_sequence_context_oldest_dropped_first(sched):
     pc = sched.model.pc                                     # n_ctx_seq = 64
+    sched.prompt_cache_bytes = 0                            # no copies in host memory (next test)
     for first in (0, 1, 2):
         drain(collect(sched, Request([first] + [3] * 29, max_tokens=2))[1])   # 30 prompt tokens + 1 fed back
     dropped = [q for q, n in pc.kept if n == 0]
@@ -176,6 +185,20 @@ def test_a_prompt_sharing_only_its_opening_takes_an_empty_slot_and_leaves_kept_c
         drain(collect(sched, Request(p, max_tokens=2))[1])
     assert sched.stats.reused_tokens == 2 * 5               # the repeats found their own cells (less the last token)
     assert not [q for q, n in pc.kept if n == 0]            # nothing was dropped
+
+
+def test_dropped_cells_go_to_host_memory_and_come_back_for_a_matching_prompt(sched):
+    pc = sched.model.pc                                     # 3 slots, 64 cells each, kept cells bounded by 64
+    prompts = [[i] + [3] * 29 for i in range(4)]            # 4 prompts of 30 tokens, each its own first token
+    for p in prompts:
+        drain(collect(sched, Request(p, max_tokens=2))[1])
+    assert not pc.loaded                                    # the first one's cells were saved, then dropped
+    n = len(pc.decodes)
+    drain(collect(sched, Request(prompts[0] + [4, 5], max_tokens=1))[1])
+    assert len(pc.loaded) == 1                              # ... and put back
+    # the kept cells: the prompt and the first answer token (4) fed back, the new prompt continues with 4, 5
+    assert [e[:2] for d in pc.decodes[n:] for e in d][0] == (5, 31)
+    assert sched.stats.reused_tokens == 31
 
 
 def test_each_sequence_uses_its_own_steering_in_one_decode(sched):
