@@ -6,13 +6,8 @@ ones, ``decode`` it, sample every sequence's next token from its own logits row,
 sinks. A request that arrives while others are decoding joins at the next step; a cancelled request (client gone,
 stop string found) frees its slot at the next step; requests beyond the slots wait in FIFO order.
 
-Prompt reuse (as llama-server's prompt cache): a finished sequence keeps its KV cells. A new request goes to the free
-slot whose kept tokens share the longest prefix with its prompt under the same steering, if that prefix is at least
-half the prompt, and only the rest of the prompt is decoded (a chat's next turn re-sends the conversation: only the
-new turn is computed); otherwise to an empty slot, else the one freed longest ago. Kept cells are bounded by half the
-slots' contexts, the most recent requests' first. Cells about to be dropped are first saved to host memory
-(``prompt_cache_bytes``, least recently used out first, as llama-server's ``--cache-ram``) and put back into a slot
-for a later request that shares half its prompt with them.
+Prompt reuse (``runtime/prompt_cache.py``, as llama-server's prompt cache): a finished sequence keeps its KV cells
+for a later request that starts the same way, in its slot or (``prompt_cache_bytes``) in host memory.
 
 Other threads talk to it only through :meth:`Scheduler.submit` (a request and a sink called with its events from
 the scheduler thread) and :meth:`Scheduler.call` (run a function on the model between steps, e.g. tokenization,
@@ -36,6 +31,7 @@ import numpy as np
 
 from ..errors import EdgeMoteError, UserError
 from ..steering import Steering
+from .prompt_cache import PromptCache
 
 
 @dataclass(frozen=True)
@@ -157,13 +153,8 @@ class Scheduler:
         self._stop = False
         self._capture = False
         self._reason: dict[int, str] = {}                  # why a slot finished in this step
-        # free slot -> (tokens its KV cells hold, the steering they were computed with, when it was freed)
-        self._kept: dict[int, tuple[list[int], Steering | None, int]] = {}
-        self._freed = 0
-        # host-memory copies of dropped cells: id -> (tokens, steering, state bytes), least recently used first
-        self._stash: dict[int, tuple[list[int], Steering | None, bytes]] = {}
-        self._stash_ids = 0
         self.prompt_cache_bytes = max(0, int(prompt_cache_bytes))
+        self.prompts: PromptCache | None = None           # what free slots hold (made with the batched context)
         self._pc = None
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
@@ -227,6 +218,7 @@ class Scheduler:
     def _main(self) -> None:
         try:
             self._pc = self.model.open_batch(n_seq=self.n_seq, n_ctx_seq=self.n_ctx_seq)
+            self.prompts = PromptCache(self._pc, self.n_seq, self.n_ctx_seq, self.prompt_cache_bytes)
         except BaseException as e:  # reported to start()
             self._start_error = e
             self._ready.set()
@@ -259,7 +251,7 @@ class Scheduler:
                 admitted = []
                 while self._pending and free:
                     handle = self._pending.popleft()
-                    seq = self._pick(free, handle.request)
+                    seq = self.prompts.pick(free, handle.request.tokens, self._steering_of(handle.request))
                     free.remove(seq)
                     admitted.append((seq, handle))
             for fn, fut in jobs:
@@ -285,79 +277,9 @@ class Scheduler:
                     free.append(slot.seq)
                 free.sort()
 
-    def _evict(self) -> None:
-        """Keep at most half the slots' contexts (``n_ctx_seq`` x ``n_seq // 2`` cells) of finished requests, the most
-        recent: kept cells widen the span of cells every decode's attention covers in the shared KV buffer."""
-        while sum(len(k[0]) for k in self._kept.values()) > self.n_ctx_seq * max(1, self.n_seq // 2):
-            oldest = min(self._kept, key=lambda q: self._kept[q][2])
-            self._save(oldest)
-            self._pc.clear_sequence(oldest)
-
-    def _save(self, seq: int) -> None:
-        """Move the cells kept in free slot ``seq`` to host memory (dropping the least recently used copies that no
-        longer fit); the slot's own record is forgotten either way."""
-        toks, steering, _ = self._kept.pop(seq)
-        if self.prompt_cache_bytes <= 0 or len(toks) < 2:
-            return
-        data = self._pc.save_sequence(seq)
-        if data is None or len(data) > self.prompt_cache_bytes:
-            return
-        while self._stash and (len(self._stash) >= self.STASH_ENTRIES
-                               or sum(len(d) for *_, d in self._stash.values()) + len(data) > self.prompt_cache_bytes):
-            del self._stash[next(iter(self._stash))]
-        self._stash_ids += 1
-        self._stash[self._stash_ids] = (toks, steering, data)
-
-    @staticmethod
-    def _common(a: Sequence[int], b: Sequence[int]) -> int:
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
-
-    def _from_stash(self, seq: int, request: Request, have: int) -> int:
-        """Put back into slot ``seq`` the saved cells sharing the longest prefix (>= REUSE_SHARE of the prompt and
-        more than the ``have`` tokens the slot already holds) with ``request``; returns the tokens it now holds."""
-        steering = self._steering_of(request)
-        best, best_n = None, have
-        for sid, (toks, st, _) in self._stash.items():
-            if st == steering:
-                n = min(self._common(toks, request.tokens), len(request.tokens) - 1)
-                if n > best_n:
-                    best, best_n = sid, n
-        if best is None or best_n < self.REUSE_SHARE * len(request.tokens):
-            return have
-        toks, _, data = self._stash.pop(best)
-        if not self._pc.load_sequence(seq, data):
-            return 0
-        return best_n if self._pc.keep_prefix(seq, best_n) else 0
-
     def _steering_of(self, request: Request) -> Steering | None:
         """The steering a request's tokens are computed with (its own, else the Model's at this moment)."""
         return request.steering if request.steering is not None else self.model.steering
-
-    def _reusable(self, seq: int, request: Request) -> int:
-        """How many leading prompt tokens of ``request`` the KV cells kept in free slot ``seq`` already hold."""
-        kept = self._kept.get(seq)
-        if kept is None or kept[1] != self._steering_of(request):
-            return 0
-        # the last prompt token is decoded again: its logits are needed
-        return min(self._common(kept[0], request.tokens), len(request.tokens) - 1)
-
-    STASH_ENTRIES = 1024  # most prompts kept in host memory (each admission compares its prompt with all of them)
-    REUSE_SHARE = 0.5  # a slot is chosen for its kept cells when they cover this share of the prompt (llama-server's
-    #                    --slot-prompt-similarity): a common opening (BOS, a system prompt) alone does not evict others
-
-    def _pick(self, free: list[int], request: Request) -> int:
-        """The free slot for ``request``: the longest reusable prefix covering REUSE_SHARE of the prompt, else an
-        empty slot, else the one freed longest ago."""
-        reuse = {q: self._reusable(q, request) for q in free}
-        best = max(free, key=lambda q: (reuse[q], -q))
-        if reuse[best] >= self.REUSE_SHARE * len(request.tokens):
-            return best
-        return min(free, key=lambda q: (q in self._kept, self._kept[q][2] if q in self._kept else 0, q))
 
     def _admit(self, seq: int, handle: Handle, free: list[int]) -> None:
         req = handle.request
@@ -365,19 +287,8 @@ class Scheduler:
             handle.sink(Finished("cancelled", "", len(req.tokens), 0))
             free.append(seq)
             return
-        keep = self._reusable(seq, req)
         try:
-            if seq in self._kept:
-                if keep < self.REUSE_SHARE * len(req.tokens):   # the slot was taken for want of a better one
-                    self._save(seq)
-                    self._pc.keep_prefix(seq, 0)
-                    keep = 0
-                else:
-                    del self._kept[seq]
-                    if not self._pc.keep_prefix(seq, keep):
-                        keep = 0            # this memory cannot drop part of a sequence: it dropped all of it
-            if keep < self.REUSE_SHARE * len(req.tokens) and self._stash:
-                keep = self._from_stash(seq, req, keep)
+            keep = self.prompts.take(seq, req.tokens, self._steering_of(req))
             self._pc.set_sequence_steering(seq, req.steering)
         except Exception as e:
             try:
@@ -505,10 +416,7 @@ class Scheduler:
             if reason == "error":
                 self._pc.clear_sequence(slot.seq)   # what its cells hold is unknown
             else:                                   # kept for a later request with the same prefix (module docstring)
-                self._freed += 1
-                self._kept[slot.seq] = (slot.kv, self._steering_of(slot.handle.request), self._freed)
-                self._pc.release_sequence(slot.seq)
-                self._evict()
+                self.prompts.finished(slot.seq, slot.kv, self._steering_of(slot.handle.request))
         except Exception as e:  # pragma: no cover - a broken context: report it on this request
             reason, error = "error", error or str(e)
         self.stats.requests_done += 1

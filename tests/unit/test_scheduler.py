@@ -168,7 +168,7 @@ def test_a_prompt_reuses_the_cells_of_an_earlier_one_with_the_same_prefix_and_st
 
 def test_kept_cells_are_bounded_by_one_sequence_context_oldest_dropped_first(sched):
     pc = sched.model.pc                                     # n_ctx_seq = 64
-    sched.prompt_cache_bytes = 0                            # no copies in host memory (next test)
+    sched.prompts.host_bytes = 0                            # no copies in host memory (next test)
     for first in (0, 1, 2):
         drain(collect(sched, Request([first] + [3] * 29, max_tokens=2))[1])   # 30 prompt tokens + 1 fed back
     dropped = [q for q, n in pc.kept if n == 0]
